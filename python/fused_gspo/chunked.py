@@ -60,6 +60,10 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
 
 
+def _poisoned(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((n,), float("nan"), device=device, dtype=dtype)
+
+
 class _Chunks:
     """Iterates ``[start, stop)`` token ranges and owns the workspace they share."""
 
@@ -125,10 +129,9 @@ class LogProbFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, head: HeadParams, ops, workspace_bytes: int):
         ctx.set_materialize_grads(False)
         chunks = _Chunks(hidden, weight, bias, ops, head, workspace_bytes)
-        n = hidden.shape[0]
-        logp = torch.empty(n, device=hidden.device, dtype=chunks.stats_dtype)
-        entropy = torch.empty_like(logp)
-        lse = torch.empty_like(logp)
+        # NaN-filled, so a token no chunk scored can never pass for a result
+        logp = _poisoned(hidden.shape[0], hidden.device, chunks.stats_dtype)
+        entropy, lse = torch.full_like(logp, float("nan")), torch.full_like(logp, float("nan"))
         for start, stop in chunks.bounds:
             tile = chunks.project(start, stop)
             logp[start:stop], entropy[start:stop], lse[start:stop] = ops.forward(tile, targets[start:stop], head)
@@ -174,9 +177,8 @@ class SinglePassPolicyFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         chunks = _Chunks(hidden, weight, bias, ops, head, workspace_bytes, bounds=bounds)
         acc = _GradAccumulators(hidden, weight, bias, ctx.needs_input_grad[:3], chunks.operand_dtype)
-        n = hidden.shape[0]
-        logp = torch.empty(n, device=hidden.device, dtype=chunks.stats_dtype)
-        entropy = torch.empty_like(logp)
+        logp = _poisoned(hidden.shape[0], hidden.device, chunks.stats_dtype)
+        entropy = torch.full_like(logp, float("nan"))
         for start, stop in chunks.bounds:
             tile = chunks.project(start, stop)
             lp, ent, lse = ops.forward(tile, targets[start:stop], head)

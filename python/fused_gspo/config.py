@@ -117,8 +117,8 @@ class PolicyLossConfig:
             raise ValueError(
                 f"steps_per_generation must be a positive integer or None, got {self.steps_per_generation!r}"
             )
-        if int(self.workspace_bytes) != self.workspace_bytes or self.workspace_bytes < 1024:
-            raise ValueError(f"workspace_bytes must be an integer >= 1024, got {self.workspace_bytes!r}")
+        if int(self.workspace_bytes) != self.workspace_bytes or self.workspace_bytes < 1:
+            raise ValueError(f"workspace_bytes must be a positive integer, got {self.workspace_bytes!r}")
 
         # Objectives whose trainers (GMPOTrainer, RLOOTrainer) do not implement an option: refuse rather than ignore.
         if self.loss_type == "gmpo":
@@ -151,8 +151,8 @@ class PolicyLossConfig:
             )
         if level == "sequence" and loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
             warnings.warn(
-                f"with importance_sampling_level='sequence', loss_type={loss_type!r} sums per-token terms and so weights "
-                "each sequence by its length; the GSPO paper uses loss_type='grpo'",
+                f"with importance_sampling_level='sequence', loss_type={loss_type!r} sums per-token terms and so "
+                "weights each sequence by its length; the GSPO paper uses loss_type='grpo'",
                 stacklevel=3,
             )
 

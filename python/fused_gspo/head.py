@@ -38,7 +38,8 @@ def full_logprobs(
     ``hidden``: ``[..., H]``; ``weight``: ``[V, H]``; ``targets``: ``[...]``. The projection runs in the inputs'
     dtype, the softmax in float32 (float64 for float64 inputs). Returns two tensors shaped like ``targets``.
     """
-    y = hidden @ weight.t()
+    compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    y = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()
     if bias is not None:
         y = y + bias
     stats_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32

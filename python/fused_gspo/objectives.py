@@ -100,12 +100,16 @@ class ObjectiveTerms:
 
 
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-    """TRL's ``get_high_entropy_mask`` for one process: tokens whose entropy is >= the ``threshold`` quantile."""
-    valid = entropy[mask.bool()].float()
+    """TRL's ``get_high_entropy_mask`` for one process: tokens whose entropy is >= the ``threshold`` quantile.
+
+    TRL takes the quantile in float32 (its entropies are float32); here it is taken in the entropies' own dtype, so
+    that the float64 reference does not compare each entropy with its own float32 rounding.
+    """
+    valid = entropy[mask.bool()]
     if valid.numel() == 0:
         return torch.zeros_like(entropy, dtype=torch.bool)
     cutoff = torch.quantile(valid, threshold)
-    return ((entropy * mask.float()) >= cutoff) & mask.bool()
+    return ((entropy * mask.to(entropy.dtype)) >= cutoff) & mask.bool()
 
 
 def off_policy_mask(advantages, logps, sampling_logps, mask, threshold) -> torch.Tensor:

@@ -30,7 +30,8 @@ def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     _tensor("weight", weight, floating=True, ndim=(2,))
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"hidden's last dimension ({hidden.shape[-1]}) must equal weight's hidden size (weight is {tuple(weight.shape)})"
+            f"hidden's last dimension ({hidden.shape[-1]}) must equal weight's hidden size "
+            f"(weight is {tuple(weight.shape)})"
         )
     if weight.shape[0] < 1:
         raise ValueError("weight must have at least one vocabulary row")
