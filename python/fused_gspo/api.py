@@ -299,4 +299,5 @@ class FusedPolicyLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"loss_type={self.config.loss_type!r}, level={self.config.importance_sampling_level!r}, backend={self.backend!r}"
+        cfg = self.config
+        return f"loss_type={cfg.loss_type!r}, level={cfg.importance_sampling_level!r}, backend={self.backend!r}"
