@@ -6,7 +6,7 @@ import fused_gspo
 import pytest
 import torch
 from conftest import cast_problem, draw_problem, rel_err
-from fused_gspo import PolicyLossConfig, fused_logprobs, fused_policy_loss
+from fused_gspo import fused_logprobs, fused_policy_loss
 from fused_gspo.chunked import SinglePassPolicyFunction
 from hypothesis import given
 from hypothesis import strategies as st
@@ -87,7 +87,9 @@ def test_backend_matches_float64_reference(backend, dtype, tol, objective, shape
     problem = draw_problem(B, T, H, V, seed=seed, **opts)
     # Workspace for 1-3 tokens per chunk: many chunks, cut mid-sequence or between sequences
     workspace = V * 4 * 4 * (1 + seed % 3)
-    ref, ref_grads = _run(problem, torch.float64, "eager", **cfg, workspace_bytes=workspace)
+    # The reference sees the same rounded inputs as the backend, in float64
+    rounded = {k: (v.to(dtype).double() if k in ("hidden", "weight", "bias") else v) for k, v in problem.items()}
+    ref, ref_grads = _run(rounded, torch.float64, "eager", **cfg, workspace_bytes=workspace)
     out, grads = _run(problem, dtype, backend, **cfg, workspace_bytes=workspace)
 
     assert out.loss.dtype == torch.float32
@@ -269,78 +271,6 @@ def test_tied_embeddings(backend):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Bad inputs
-
-
-def _good():
-    problem = draw_problem(2, 3, 4, 6, seed=0, with_ref=True)
-    return {k: v for k, v in problem.items() if k not in ("ref_logps",)}, problem["ref_logps"]
-
-
-@pytest.mark.parametrize(
-    "change,error,match",
-    [
-        (lambda p: p.update(hidden=p["hidden"][0]), ValueError, "hidden"),
-        (lambda p: p.update(weight=p["weight"][:, :3]), ValueError, "hidden size"),
-        (lambda p: p.update(completion_ids=p["completion_ids"][:, :2]), ValueError, "completion_ids"),
-        (lambda p: p.update(completion_ids=p["completion_ids"].float()), TypeError, "completion_ids"),
-        (lambda p: p["completion_ids"].__setitem__((0, 0), 6), ValueError, "completion_ids"),
-        (lambda p: p["completion_ids"].__setitem__((0, 0), -1), ValueError, "completion_ids"),
-        (lambda p: p["completion_mask"].__setitem__((0, 0), 2), ValueError, "completion_mask"),
-        (lambda p: p.update(advantages=p["advantages"][:1]), ValueError, "advantages"),
-        (lambda p: p.update(old_logps=p["old_logps"][:, :1]), ValueError, "old_logps"),
-        (lambda p: p.update(importance_sampling_ratio=torch.ones(2, 2)), ValueError, "importance_sampling_ratio"),
-        (lambda p: p.update(bias=torch.ones(5)), ValueError, "bias"),
-        (lambda p: p.update(hidden=p["hidden"].long()), TypeError, "hidden"),
-        (lambda p: p.update(num_items_in_batch="many"), TypeError, "num_items_in_batch"),
-    ],
-)
-def test_bad_inputs_name_the_argument(change, error, match):
-    problem, _ = _good()
-    change(problem)
-    with pytest.raises(error, match=match):
-        fused_policy_loss(**problem, backend="torch")
-
-
-@pytest.mark.parametrize(
-    "cfg,match",
-    [
-        ({"loss_type": "ppo"}, "loss_type"),
-        ({"importance_sampling_level": "group"}, "importance_sampling_level"),
-        ({"beta": 0.1}, "ref_logps"),
-        ({"loss_type": "gmpo", "delta": 2.0}, "delta"),
-        ({"loss_type": "rloo", "beta": 0.1}, "beta"),
-        ({"loss_type": "gmpo", "importance_sampling_level": "sequence"}, "importance_sampling_level"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"top_entropy_quantile": 0.0}, "top_entropy_quantile"),
-        ({"epsilon": float("nan")}, "epsilon"),
-        ({"workspace_bytes": 0}, "workspace_bytes"),
-    ],
-)
-def test_bad_configuration_raises_value_error(cfg, match):
-    problem, _ = _good()
-    with pytest.raises(ValueError, match=match):
-        fused_policy_loss(**problem, backend="torch", **cfg)
-
-
-def test_unknown_option_and_backend():
-    problem, _ = _good()
-    with pytest.raises(TypeError, match="no_such_field"):
-        fused_policy_loss(**problem, no_such_field=1)
-    with pytest.raises(ValueError, match="backend"):
-        fused_policy_loss(**problem, backend="cuda")
-    with pytest.raises(ValueError, match="importance_sampling_ratio"):
-        fused_policy_loss(**problem, importance_sampling_ratio=torch.ones(2, 3), loss_type="gmpo", epsilon=0.4)
-    with pytest.raises(ValueError, match="advantages"):
-        fused_policy_loss(**{**problem, "advantages": torch.ones(2, 3)}, loss_type="rloo")
-
-
-def test_trl_warnings_are_kept_as_warnings():
-    with pytest.warns(UserWarning, match="sequence"):
-        PolicyLossConfig(loss_type="dr_grpo", importance_sampling_level="sequence")
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # fused_logprobs and the module
 
 
@@ -388,15 +318,11 @@ def test_fused_logprobs_matches_log_softmax(backend, shape, vocab, softcap, seed
     assert all(rel_err(a, b) < 1e-4 for a, b in zip(grads, ref_grads, strict=True))
 
 
-def test_fused_logprobs_without_grad_and_bad_targets():
+def test_fused_logprobs_without_grad():
     hidden, weight = torch.randn(3, 4), torch.randn(5, 4)
     with torch.no_grad():
         logp = fused_logprobs(hidden, weight, torch.tensor([0, 4, 2]), backend="torch")
-    assert logp.shape == (3,) and (logp < 0).all()
-    with pytest.raises(ValueError, match="targets"):
-        fused_logprobs(hidden, weight, torch.tensor([0, 5, 2]))
-    with pytest.raises(ValueError, match="targets"):
-        fused_logprobs(hidden, weight, torch.tensor([0, 1]))
+    assert logp.shape == (3,) and (logp < 0).all() and not logp.requires_grad
 
 
 def test_module_holds_its_config():

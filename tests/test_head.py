@@ -1,0 +1,54 @@
+"""The head's PyTorch math: the transform, the chunk statistics and the in-place logits gradient."""
+
+import pytest
+import torch
+from conftest import rel_err
+from fused_gspo.head import HeadParams, TorchTileOps, full_logprobs
+from hypothesis import given
+from hypothesis import strategies as st
+
+heads = st.builds(
+    HeadParams,
+    temperature=st.sampled_from([1.0, 0.6, 1.7]),
+    logit_scale=st.sampled_from([1.0, 0.25, 3.0]),
+    softcap=st.sampled_from([None, 2.0, 30.0]),
+)
+
+
+@given(head=heads, n=st.integers(1, 6), vocab=st.integers(1, 50), seed=st.integers(0, 2**31 - 1))
+def test_tile_forward_matches_log_softmax(head, n, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 4
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    logp, entropy, lse = TorchTileOps.forward(y.clone(), targets, head)
+    z = head.transform(y)
+    logp_all = torch.log_softmax(z, -1)
+    assert rel_err(logp, logp_all.gather(-1, targets[:, None]).squeeze(-1)) < 1e-12
+    assert rel_err(entropy, -(logp_all.exp() * logp_all).sum(-1), floor=1.0) < 1e-12
+    assert rel_err(lse, torch.logsumexp(z, -1)) < 1e-12
+
+
+@pytest.mark.parametrize("terms", ["logp", "entropy", "both"])
+@given(head=heads, n=st.integers(1, 6), vocab=st.integers(1, 50), seed=st.integers(0, 2**31 - 1))
+def test_tile_backward_matches_autograd(terms, head, n, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randn(n, vocab, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    grad_logp = torch.randn(n, generator=g, dtype=torch.float64) if terms != "entropy" else None
+    grad_entropy = torch.randn(n, generator=g, dtype=torch.float64) if terms != "logp" else None
+    logp, entropy, lse = TorchTileOps.forward(y, targets, head)
+    objective = sum((out * w).sum() for out, w in ((logp, grad_logp), (entropy, grad_entropy)) if w is not None)
+    (expected,) = torch.autograd.grad(objective, [y])
+    tile = y.detach().clone()
+    got = TorchTileOps.backward_(tile, targets, lse.detach(), entropy.detach(), grad_logp, grad_entropy, head)
+    assert got.data_ptr() == tile.data_ptr(), "the gradient overwrites the tile in place"
+    assert rel_err(got, expected, floor=1e-12) < 1e-10
+
+
+def test_full_logprobs_promotes_mixed_dtypes_and_keeps_float64():
+    hidden, weight = torch.randn(2, 3, 4, dtype=torch.bfloat16), torch.randn(9, 4)
+    targets = torch.randint(0, 9, (2, 3))
+    logp, entropy = full_logprobs(hidden, weight, None, targets, HeadParams())
+    assert logp.shape == (2, 3) and logp.dtype == torch.float32 and (entropy > 0).all()
+    logp64, _ = full_logprobs(hidden.double(), weight.double(), None, targets, HeadParams())
+    assert logp64.dtype == torch.float64 and rel_err(logp, logp64) < 1e-6

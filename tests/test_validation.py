@@ -1,0 +1,60 @@
+"""Input validation: every bad input raises TypeError/ValueError naming the argument or the field."""
+
+import pytest
+import torch
+from conftest import draw_problem
+from fused_gspo import fused_logprobs, fused_policy_loss
+
+
+def _good():
+    problem = draw_problem(2, 3, 4, 6, seed=0, with_ref=True)
+    return {k: v for k, v in problem.items() if k not in ("ref_logps",)}, problem["ref_logps"]
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda p: p.update(hidden=p["hidden"][0]), ValueError, "hidden"),
+        (lambda p: p.update(weight=p["weight"][:, :3]), ValueError, "hidden size"),
+        (lambda p: p.update(completion_ids=p["completion_ids"][:, :2]), ValueError, "completion_ids"),
+        (lambda p: p.update(completion_ids=p["completion_ids"].float()), TypeError, "completion_ids"),
+        (lambda p: p["completion_ids"].__setitem__((0, 0), 6), ValueError, "completion_ids"),
+        (lambda p: p["completion_ids"].__setitem__((0, 0), -1), ValueError, "completion_ids"),
+        (lambda p: p["completion_mask"].__setitem__((0, 0), 2), ValueError, "completion_mask"),
+        (lambda p: p.update(advantages=p["advantages"][:1]), ValueError, "advantages"),
+        (lambda p: p.update(old_logps=p["old_logps"][:, :1]), ValueError, "old_logps"),
+        (lambda p: p.update(importance_sampling_ratio=torch.ones(2, 2)), ValueError, "importance_sampling_ratio"),
+        (lambda p: p.update(bias=torch.ones(5)), ValueError, "bias"),
+        (lambda p: p.update(hidden=p["hidden"].long()), TypeError, "hidden"),
+        (lambda p: p.update(num_items_in_batch="many"), TypeError, "num_items_in_batch"),
+    ],
+)
+def test_bad_inputs_name_the_argument(change, error, match):
+    problem, _ = _good()
+    change(problem)
+    with pytest.raises(error, match=match):
+        fused_policy_loss(**problem, backend="torch")
+
+
+def test_unknown_option_and_backend():
+    problem, _ = _good()
+    with pytest.raises(TypeError, match="no_such_field"):
+        fused_policy_loss(**problem, no_such_field=1)
+    with pytest.raises(ValueError, match="backend"):
+        fused_policy_loss(**problem, backend="cuda")
+    with pytest.raises(ValueError, match="importance_sampling_ratio"):
+        fused_policy_loss(**problem, importance_sampling_ratio=torch.ones(2, 3), loss_type="gmpo", epsilon=0.4)
+    with pytest.raises(ValueError, match="advantages"):
+        fused_policy_loss(**{**problem, "advantages": torch.ones(2, 3)}, loss_type="rloo")
+
+
+def test_fused_logprobs_bad_targets():
+    hidden, weight = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="targets"):
+        fused_logprobs(hidden, weight, torch.tensor([0, 5, 2]))
+    with pytest.raises(ValueError, match="targets"):
+        fused_logprobs(hidden, weight, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="targets"):
+        fused_logprobs(hidden, weight, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="temperature"):
+        fused_logprobs(hidden, weight, torch.tensor([0, 1, 2]), temperature=-1.0)
