@@ -344,3 +344,19 @@ def test_auto_backend_and_triton_availability():
             fused_gspo.api.resolve_backend("triton", torch.device("cpu"))
     else:
         assert fused_gspo.api.resolve_backend("triton", torch.device("cpu")) == "triton"
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch"])
+def test_packed_hidden_equals_padded(backend):
+    problem = draw_problem(3, 6, 8, 21, seed=12, empty_row=True)
+    cfg = dict(loss_type="grpo", importance_sampling_level="sequence", backend=backend)
+    padded = cast_problem(problem, torch.float32)
+    out = fused_policy_loss(**padded, **cfg)
+    (grad,) = torch.autograd.grad(out.loss, [padded["hidden"]])
+    valid = problem["completion_mask"].bool()
+    packed_hidden = problem["hidden"][valid].float().requires_grad_()
+    packed = fused_policy_loss(**{**padded, "hidden": packed_hidden}, **cfg)
+    (packed_grad,) = torch.autograd.grad(packed.loss, [packed_hidden])
+    assert rel_err(packed.loss, out.loss) < 1e-6 and out.metrics == pytest.approx(packed.metrics)
+    assert rel_err(packed_grad, grad[valid]) < 1e-6 and (grad[~valid] == 0).all()
+    assert rel_err(packed.policy_loss, out.policy_loss) < 1e-6

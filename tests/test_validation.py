@@ -15,6 +15,7 @@ def _good():
     "change,error,match",
     [
         (lambda p: p.update(hidden=p["hidden"][0]), ValueError, "hidden"),
+        (lambda p: p.update(hidden=p["hidden"][0, 0]), ValueError, "hidden"),
         (lambda p: p.update(weight=p["weight"][:, :3]), ValueError, "hidden size"),
         (lambda p: p.update(completion_ids=p["completion_ids"][:, :2]), ValueError, "completion_ids"),
         (lambda p: p.update(completion_ids=p["completion_ids"].float()), TypeError, "completion_ids"),

@@ -26,12 +26,14 @@ BACKENDS = ("auto", "eager", "torch", "triton")
 @dataclass
 class PolicyLossOutput:
     """``loss``: scalar, differentiable w.r.t. hidden, weight and bias. ``metrics``: TRL's names and values.
-    ``logps`` / ``entropy``: ``[B, T]`` float32, detached, zero at masked positions."""
+    ``logps`` / ``entropy``: ``[B, T]`` float32, detached, zero at masked positions. ``policy_loss``: the policy term
+    before the accumulation normalizer and the entropy bonus (TRL's ``policy_loss`` metric), detached."""
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
     logps: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    policy_loss: torch.Tensor | None = None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -91,6 +93,8 @@ def fused_policy_loss(
 
     Args:
         hidden: ``[B, T, H]`` float (bf16/fp16/fp32/fp64); ``hidden[:, t]`` predicts ``completion_ids[:, t]``.
+            Or packed, ``[N, H]``: the hidden states of the ``N = completion_mask.sum()`` valid tokens only, in the
+            row-major order of ``completion_mask`` (padding-free batches; nothing is gathered).
         weight: ``[V, H]`` LM-head weight. ``bias``: optional ``[V]``.
         completion_ids: ``[B, T]`` integer token ids, in ``[0, V)`` where the mask is 1.
         advantages: ``[B]`` or ``[B, T]`` (per-token, e.g. GSPO-token).
@@ -107,7 +111,44 @@ def fused_policy_loss(
     Returns:
         :class:`PolicyLossOutput` with ``loss``, ``metrics``, ``logps`` and ``entropy``.
     """
-    cfg = _resolve_config(config, config_overrides)
+    return policy_loss(
+        hidden,
+        weight,
+        completion_ids,
+        advantages,
+        completion_mask,
+        old_logps=old_logps,
+        ref_logps=ref_logps,
+        sampling_logps=sampling_logps,
+        importance_sampling_ratio=importance_sampling_ratio,
+        num_items_in_batch=num_items_in_batch,
+        bias=bias,
+        config=_resolve_config(config, config_overrides),
+        backend=backend,
+    )
+
+
+def policy_loss(
+    hidden,
+    weight,
+    completion_ids,
+    advantages,
+    completion_mask,
+    *,
+    old_logps,
+    ref_logps,
+    sampling_logps,
+    importance_sampling_ratio,
+    num_items_in_batch,
+    bias,
+    config: PolicyLossConfig,
+    backend: str,
+    reduce_sum=None,
+    gather=None,
+) -> PolicyLossOutput:
+    """:func:`fused_policy_loss` with a resolved config, plus the cross-process ``reduce_sum`` / ``gather`` the
+    metrics use under several processes (the TRL adapter passes the accelerator's)."""
+    cfg = config
     validate_policy_inputs(
         cfg,
         hidden=hidden,
@@ -134,27 +175,29 @@ def fused_policy_loss(
         importance_sampling_ratio=importance_sampling_ratio,
     ).to(stats_dtype)
     head = HeadParams(cfg.temperature, cfg.logit_scale, cfg.final_logit_softcapping)
-
-    if backend == "eager":
-        logp, entropy = full_logprobs(hidden, weight, bias, completion_ids.masked_fill(~valid, 0).long(), head)
-        zero = logp.new_zeros(())
-        return _finish(
-            torch.where(valid, logp, zero), torch.where(valid, entropy, zero), batch, cfg, num_items_in_batch
-        )
-
+    hooks = {k: v for k, v in (("reduce_sum", reduce_sum), ("gather", gather)) if v is not None}
     rows, cols = valid.nonzero(as_tuple=True)
-    x = hidden[rows, cols]
+    x = hidden if hidden.dim() == 2 else hidden[rows, cols]
     targets = completion_ids[rows, cols].long()
-    ops = _tile_ops(backend)
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
         return values.new_zeros(valid.shape).index_put((rows, cols), values)
 
+    if backend == "eager":
+        if hidden.dim() == 3:  # the eager contender projects every position, as a plain LM head would
+            logp, entropy = full_logprobs(hidden, weight, bias, completion_ids.masked_fill(~valid, 0).long(), head)
+            zero = logp.new_zeros(())
+            logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+        else:
+            logp, entropy = (scatter(v) for v in full_logprobs(x, weight, bias, targets, head))
+        return _finish(logp, entropy, batch, cfg, num_items_in_batch, hooks)
+
+    ops = _tile_ops(backend)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     bounds = _single_pass_bounds(cfg, batch, valid, weight.shape[0], stats_dtype, ops) if wants_grad else None
     if bounds is None:
         logp, entropy = LogProbFunction.apply(x, weight, bias, targets, head, ops, cfg.workspace_bytes)
-        return _finish(scatter(logp), scatter(entropy), batch, cfg, num_items_in_batch)
+        return _finish(scatter(logp), scatter(entropy), batch, cfg, num_items_in_batch, hooks)
 
     norms = Normalizers.of(batch, cfg, num_items_in_batch)
     row_list = rows.tolist()
@@ -192,8 +235,9 @@ def fused_policy_loss(
     loss, _, _ = SinglePassPolicyFunction.apply(
         x, weight, bias, targets, head, ops, cfg.workspace_bytes, bounds, chunk_grad, finish
     )
-    metrics = policy_metrics(done["terms"], done["entropy"], batch, cfg)
-    return PolicyLossOutput(loss, metrics, done["logps"].float(), done["entropy"].float())
+    terms = done["terms"]
+    metrics = policy_metrics(terms, done["entropy"], batch, cfg, **hooks)
+    return PolicyLossOutput(loss, metrics, done["logps"].float(), done["entropy"].float(), terms.policy_loss.detach())
 
 
 def _single_pass_bounds(cfg, batch, valid, vocab, stats_dtype, ops):
@@ -220,14 +264,16 @@ def _single_pass_bounds(cfg, batch, valid, vocab, stats_dtype, ops):
     return bounds
 
 
-def _finish(logps, entropy, batch, cfg, num_items_in_batch) -> PolicyLossOutput:
+def _finish(logps, entropy, batch, cfg, num_items_in_batch, hooks) -> PolicyLossOutput:
     entropy_mask = None
     if cfg.top_entropy_quantile < 1.0:
         entropy_mask = high_entropy_mask(entropy.detach(), batch.mask, 1 - cfg.top_entropy_quantile)
     norms = Normalizers.of(batch, cfg, num_items_in_batch, entropy_mask)
     terms = policy_objective(logps, entropy, batch, cfg, norms, entropy_mask)
-    metrics = policy_metrics(terms, entropy.detach(), batch, cfg)
-    return PolicyLossOutput(terms.loss, metrics, logps.detach().float(), entropy.detach().float())
+    metrics = policy_metrics(terms, entropy.detach(), batch, cfg, **hooks)
+    return PolicyLossOutput(
+        terms.loss, metrics, logps.detach().float(), entropy.detach().float(), terms.policy_loss.detach()
+    )
 
 
 def fused_logprobs(

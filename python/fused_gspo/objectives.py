@@ -288,14 +288,24 @@ def _nanmax(x):
     return x.new_tensor(float("nan")) if torch.isnan(x).all() else x[~torch.isnan(x)].max()
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 @torch.no_grad()
 def policy_metrics(
     terms: ObjectiveTerms,
     entropy: torch.Tensor,
     batch: PolicyBatch,
     config: PolicyLossConfig,
+    reduce_sum=_identity,
+    gather=_identity,
 ) -> dict[str, float]:
-    """TRL's logged metrics, under TRL's names, for one process (``terms`` evaluated on the whole batch)."""
+    """TRL's logged metrics, under TRL's names (``terms`` evaluated on the whole batch).
+
+    ``reduce_sum`` / ``gather`` are the cross-process sum and concatenation (``accelerator.reduce(..., "sum")`` and
+    ``accelerator.gather``) where TRL uses them; the defaults are one process's.
+    """
     mask = batch.mask
     advantages = batch.advantages
     metrics: dict[str, float] = {}
@@ -307,25 +317,27 @@ def policy_metrics(
 
     def global_masked_mean(x):
         if x.shape[1] == 1:
-            total, count = x.sum(), float(x.shape[0])
+            total, count = x.sum(), x.new_tensor(float(x.shape[0]))
         else:
-            total, count = (x * mask).sum(), mask.sum()
-        return float(total / max(float(count), 1.0))
+            total, count = (x * mask).sum(), mask.sum().to(x.dtype)
+        totals = reduce_sum(torch.stack([total, count]))
+        return float(totals[0] / totals[1].clamp(min=1.0))
 
     def clip_metrics(low, high):
         region = low | high
         metrics["clip_ratio/low_mean"] = global_masked_mean(low.float())
         metrics["clip_ratio/high_mean"] = global_masked_mean(high.float())
         metrics["clip_ratio/region_mean"] = global_masked_mean(region.float())
-        metrics["clip_ratio/low_min"] = float(_nanmin(masked_seq_mean(low.float())))
-        metrics["clip_ratio/high_max"] = float(_nanmax(masked_seq_mean(high.float())))
+        metrics["clip_ratio/low_min"] = float(_nanmin(gather(masked_seq_mean(low.float()))))
+        metrics["clip_ratio/high_max"] = float(_nanmax(gather(masked_seq_mean(high.float()))))
 
     eps_low, eps_high = config.epsilon_low, config.effective_epsilon_high
     if config.loss_type == "rloo":
-        metrics["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1.0))
+        totals = reduce_sum(torch.stack([(entropy * mask).sum(), mask.sum().to(entropy.dtype)]))
+        metrics["entropy"] = float(totals[0] / totals[1].clamp(min=1.0))
         coef_1 = terms.coef_1
-        low = ((coef_1 < 1 - eps_low) & (advantages < 0)).float()
-        high = ((coef_1 > 1 + eps_high) & (advantages > 0)).float()
+        low = gather(((coef_1 < 1 - eps_low) & (advantages < 0)).float())
+        high = gather(((coef_1 > 1 + eps_high) & (advantages > 0)).float())
         metrics["clip_ratio/low_mean"] = float(low.nanmean())
         metrics["clip_ratio/low_min"] = float(_nanmin(low))
         metrics["clip_ratio/high_mean"] = float(high.nanmean())
@@ -350,7 +362,7 @@ def policy_metrics(
     elif config.loss_type == "vespo":
         metrics["vespo/phi_seq_mean"] = global_masked_mean(terms.phi_seq)
     if config.entropy_coef != 0.0:
-        metrics["policy_loss"] = float(terms.policy_loss)
+        metrics["policy_loss"] = float(gather(terms.policy_loss.detach().reshape(1)).nanmean())
         metrics["entropy_coef"] = float(config.entropy_coef)
     return metrics
 

@@ -78,11 +78,11 @@ def validate_policy_inputs(
     num_items_in_batch,
     bias,
 ) -> None:
-    _tensor("hidden", hidden, floating=True, ndim=(3,))
-    B, T, _ = hidden.shape
+    _tensor("hidden", hidden, floating=True, ndim=(2, 3))
     _check_head(hidden, weight, bias)
     _tensor("completion_ids", completion_ids, floating=False, ndim=(2,))
     _tensor("completion_mask", completion_mask, ndim=(2,))
+    B, T = completion_ids.shape if hidden.dim() == 2 else hidden.shape[:2]
     for name, x in (("completion_ids", completion_ids), ("completion_mask", completion_mask)):
         if tuple(x.shape) != (B, T):
             raise ValueError(
@@ -92,6 +92,11 @@ def validate_policy_inputs(
         raise TypeError(f"completion_mask must be bool, integer or floating, got {completion_mask.dtype}")
     if completion_mask.numel() and not bool(((completion_mask == 0) | (completion_mask == 1)).all()):
         raise ValueError("completion_mask must hold only 0 and 1")
+    if hidden.dim() == 2 and hidden.shape[0] != int(completion_mask.sum()):
+        raise ValueError(
+            f"packed hidden ([N, H]) must hold one row per valid token: completion_mask has "
+            f"{int(completion_mask.sum())}, hidden has {hidden.shape[0]}"
+        )
 
     _tensor("advantages", advantages, floating=True, ndim=(1, 2))
     if tuple(advantages.shape) not in ((B,), (B, T)):
