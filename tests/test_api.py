@@ -2,14 +2,15 @@
 
 import math
 
-import fused_gspo
 import pytest
 import torch
 from conftest import cast_problem, draw_problem, rel_err
-from fused_gspo import fused_logprobs, fused_policy_loss
-from fused_gspo.chunked import SinglePassPolicyFunction
 from hypothesis import given
 from hypothesis import strategies as st
+
+import fused_gspo
+from fused_gspo import fused_logprobs, fused_policy_loss
+from fused_gspo.chunked import SinglePassPolicyFunction
 
 SEQUENCE_TRAINERS = ("gmpo", "rloo")
 

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 from conftest import draw_problem, rel_err
+
 from fused_gspo.chunked import LogProbFunction, SinglePassPolicyFunction, tokens_per_chunk
 from fused_gspo.head import HeadParams, TorchTileOps
 

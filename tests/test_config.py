@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 from conftest import draw_problem
+
 from fused_gspo import PolicyLossConfig, fused_policy_loss
 
 

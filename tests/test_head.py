@@ -3,9 +3,10 @@
 import pytest
 import torch
 from conftest import rel_err
-from fused_gspo.head import HeadParams, TorchTileOps, full_logprobs
 from hypothesis import given
 from hypothesis import strategies as st
+
+from fused_gspo.head import HeadParams, TorchTileOps, full_logprobs
 
 heads = st.builds(
     HeadParams,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import draw_problem
+
 from fused_gspo import fused_logprobs, fused_policy_loss
 
 

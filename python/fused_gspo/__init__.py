@@ -5,6 +5,21 @@ from .config import LEVELS, LOSS_TYPES, PolicyLossConfig
 
 __version__ = "0.1.0"
 
+
+def patch_trl() -> None:
+    """Add ``use_fused_gspo_loss`` to TRL's GRPO/GMPO/RLOO configs and trainers (see :mod:`fused_gspo.trl`)."""
+    from .trl import patch_trl as _patch
+
+    _patch()
+
+
+def unpatch_trl() -> None:
+    """Restore TRL as it was before :func:`patch_trl`."""
+    from .trl import unpatch_trl as _unpatch
+
+    _unpatch()
+
+
 __all__ = [
     "BACKENDS",
     "LEVELS",
@@ -14,5 +29,7 @@ __all__ = [
     "PolicyLossOutput",
     "fused_logprobs",
     "fused_policy_loss",
+    "patch_trl",
+    "unpatch_trl",
     "__version__",
 ]

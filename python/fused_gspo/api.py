@@ -34,6 +34,7 @@ class PolicyLossOutput:
     logps: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     policy_loss: torch.Tensor | None = None
+    entropy_mask: torch.Tensor | None = None  # [B, T] bool: the top-entropy tokens, when top_entropy_quantile < 1
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -145,9 +146,11 @@ def policy_loss(
     backend: str,
     reduce_sum=None,
     gather=None,
+    gather_values=None,
 ) -> PolicyLossOutput:
-    """:func:`fused_policy_loss` with a resolved config, plus the cross-process ``reduce_sum`` / ``gather`` the
-    metrics use under several processes (the TRL adapter passes the accelerator's)."""
+    """:func:`fused_policy_loss` with a resolved config, plus the cross-process hooks TRL uses under several
+    processes (the TRL adapter passes the accelerator's): ``reduce_sum`` and ``gather`` for the metrics,
+    ``gather_values`` (valid entropies of every process) for the entropy quantile."""
     cfg = config
     validate_policy_inputs(
         cfg,
@@ -176,6 +179,8 @@ def policy_loss(
     ).to(stats_dtype)
     head = HeadParams(cfg.temperature, cfg.logit_scale, cfg.final_logit_softcapping)
     hooks = {k: v for k, v in (("reduce_sum", reduce_sum), ("gather", gather)) if v is not None}
+    if gather_values is not None:
+        hooks["gather_values"] = gather_values
     rows, cols = valid.nonzero(as_tuple=True)
     x = hidden if hidden.dim() == 2 else hidden[rows, cols]
     targets = completion_ids[rows, cols].long()
@@ -236,6 +241,7 @@ def policy_loss(
         x, weight, bias, targets, head, ops, cfg.workspace_bytes, bounds, chunk_grad, finish
     )
     terms = done["terms"]
+    hooks.pop("gather_values", None)  # the single pass never masks by entropy quantile
     metrics = policy_metrics(terms, done["entropy"], batch, cfg, **hooks)
     return PolicyLossOutput(loss, metrics, done["logps"].float(), done["entropy"].float(), terms.policy_loss.detach())
 
@@ -265,14 +271,16 @@ def _single_pass_bounds(cfg, batch, valid, vocab, stats_dtype, ops):
 
 
 def _finish(logps, entropy, batch, cfg, num_items_in_batch, hooks) -> PolicyLossOutput:
+    hooks = dict(hooks)
+    gather_values = hooks.pop("gather_values", None)
     entropy_mask = None
     if cfg.top_entropy_quantile < 1.0:
-        entropy_mask = high_entropy_mask(entropy.detach(), batch.mask, 1 - cfg.top_entropy_quantile)
+        entropy_mask = high_entropy_mask(entropy.detach(), batch.mask, 1 - cfg.top_entropy_quantile, gather_values)
     norms = Normalizers.of(batch, cfg, num_items_in_batch, entropy_mask)
     terms = policy_objective(logps, entropy, batch, cfg, norms, entropy_mask)
     metrics = policy_metrics(terms, entropy.detach(), batch, cfg, **hooks)
     return PolicyLossOutput(
-        terms.loss, metrics, logps.detach().float(), entropy.detach().float(), terms.policy_loss.detach()
+        terms.loss, metrics, logps.detach().float(), entropy.detach().float(), terms.policy_loss.detach(), entropy_mask
     )
 
 

@@ -99,13 +99,16 @@ class ObjectiveTerms:
     phi_seq: torch.Tensor | None = None  # VESPO
 
 
-def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-    """TRL's ``get_high_entropy_mask`` for one process: tokens whose entropy is >= the ``threshold`` quantile.
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold: float, gather_values=None) -> torch.Tensor:
+    """TRL's ``get_high_entropy_mask``: tokens whose entropy is >= the ``threshold`` quantile of all valid entropies.
 
-    TRL takes the quantile in float32 (its entropies are float32); here it is taken in the entropies' own dtype, so
-    that the float64 reference does not compare each entropy with its own float32 rounding.
+    ``gather_values`` concatenates a 1-D tensor of values across processes (default: one process). TRL takes the
+    quantile in float32 (its entropies are float32); here it is taken in the entropies' own dtype, so that the float64
+    reference does not compare each entropy with its own float32 rounding.
     """
     valid = entropy[mask.bool()]
+    if gather_values is not None:
+        valid = gather_values(valid)
     if valid.numel() == 0:
         return torch.zeros_like(entropy, dtype=torch.bool)
     cutoff = torch.quantile(valid, threshold)

@@ -1,0 +1,5 @@
+"""The TRL adapter: ``patch_trl()`` adds ``use_fused_gspo_loss`` to TRL's trainers; GFPO on top of GRPO."""
+
+from .patch import FLAG, is_patched, patch_trl, policy_config_for, unpatch_trl
+
+__all__ = ["FLAG", "is_patched", "patch_trl", "policy_config_for", "unpatch_trl"]

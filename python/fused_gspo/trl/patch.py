@@ -1,0 +1,487 @@
+"""``use_fused_gspo_loss=True`` on TRL 1.16's GRPO, GMPO and RLOO trainers.
+
+What ``patch_trl()`` changes, and ``unpatch_trl()`` restores:
+
+- ``GRPOConfig``, ``RLOOConfig`` and ``GMPOConfig`` get a real dataclass field ``use_fused_gspo_loss: bool = False``
+  (command lines, ``to_dict()``, saved arguments). With it off, the trainers run TRL's own code, untouched.
+- With it on, each trainer's ``_compute_loss`` runs :func:`fused_gspo.api.policy_loss` on the backbone's last hidden
+  states and the LM head, and keeps TRL's bookkeeping (normalizers, entropy-bonus controller, MoE auxiliary loss,
+  metrics under TRL's names, reduced across processes as TRL reduces them).
+
+How the hidden states are reached: TRL scores tokens through the forward it patches onto the model
+(``add_fused_lm_head``), which runs the backbone, gathers the LM head (FSDP2 ``full_tensor``, ZeRO-3 gather), and hands
+``hidden, weight, bias, targets, temperature, softcap, logit_scale`` to ``ChunkedLogProbFunction.apply``. We stand in
+for that one call while a fused request is active, so PEFT, gradient checkpointing, multimodal inputs, autocast and
+``cast_lm_head_to_fp32`` all go through TRL's own plumbing. In ``_compute_loss`` the request computes the whole loss
+there; elsewhere (the no-grad ``old``/``ref`` log-prob passes) it computes log-probs with :func:`fused_logprobs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import warnings
+
+import torch
+
+from ..api import fused_logprobs, policy_loss
+from ..config import PolicyLossConfig
+
+FLAG = "use_fused_gspo_loss"
+_FLAG_HELP = (
+    "Compute the policy loss with fused_gspo's fused LM-head kernels (same numbers as TRL, without the [tokens, "
+    "vocab] logits). Also enables importance_sampling_level='sequence_token' (GSPO-token)."
+)
+
+_request: contextvars.ContextVar = contextvars.ContextVar("fused_gspo_request", default=None)
+_saved: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The flag as a dataclass field
+
+
+def _add_flag(cls) -> None:
+    if FLAG in cls.__dataclass_fields__:
+        return
+    flag = dataclasses.field(default=False, metadata={"help": _FLAG_HELP})
+    flag.name, flag.type = FLAG, bool
+    flag._field_type = dataclasses._FIELD  # what dataclasses.fields() selects on
+    original_init = cls.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, use_fused_gspo_loss: bool = False, **kwargs):
+        object.__setattr__(self, FLAG, bool(use_fused_gspo_loss))
+        original_init(self, *args, **kwargs)
+
+    _saved[cls] = (original_init, "__annotations__" in cls.__dict__)
+    cls.__dict__.get("__annotations__") or setattr(cls, "__annotations__", {})
+    cls.__annotations__[FLAG] = bool  # HfArgumentParser resolves field types with get_type_hints
+    cls.__dataclass_fields__[FLAG] = flag
+    setattr(cls, FLAG, False)
+    cls.__init__ = __init__
+
+
+def _remove_flag(cls) -> None:
+    if cls not in _saved:
+        return
+    original_init, had_annotations = _saved.pop(cls)
+    cls.__init__ = original_init
+    del cls.__dataclass_fields__[FLAG]
+    del cls.__annotations__[FLAG]
+    if not had_annotations:
+        del cls.__annotations__
+    delattr(cls, FLAG)
+
+
+def _flag_on(trainer) -> bool:
+    return bool(getattr(trainer.args, FLAG, False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Standing in for TRL's ChunkedLogProbFunction
+
+
+class _ChunkedLogProbStandIn:
+    """Where TRL calls ``ChunkedLogProbFunction.apply``: ours while a request is active, TRL's otherwise."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, *rest):
+        request = _request.get()
+        if request is None:
+            return self.original.apply(
+                hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, *rest
+            )
+        return request(hidden, weight, bias, targets, float(temperature), softcap, float(logit_scale))
+
+
+class _LogProbRequest:
+    """TRL asks for log-probs (and entropies): the fused log-prob path, differentiable if grads are on."""
+
+    def __call__(self, hidden, weight, bias, targets, temperature, softcap, logit_scale):
+        logp, entropy = fused_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            final_logit_softcapping=softcap,
+            return_entropy=True,
+        )
+        return logp, entropy, None, None, None
+
+
+class _LossRequest:
+    """Inside ``_compute_loss``: the whole policy loss, from the hidden states TRL's forward hands over.
+
+    TRL passes either every position of the ``[B, L - 1]`` shifted sequence (devices without Triton) or only the
+    positions whose label is a completion token (``completion_mask`` order). The loss mask may be narrower (tool
+    masks); its rows are picked out of what TRL projected.
+    """
+
+    def __init__(self, *, completion_ids, completion_mask, loss_mask, input_len, config, loss_kwargs, hooks):
+        self.completion_ids, self.completion_mask, self.loss_mask = completion_ids, completion_mask, loss_mask
+        self.input_len, self.config, self.loss_kwargs, self.hooks = input_len, config, loss_kwargs, hooks
+        self.output = None
+
+    def __call__(self, hidden, weight, bias, targets, temperature, softcap, logit_scale):
+        B, T = self.completion_ids.shape
+        config = _quiet_replace(
+            self.config, temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=softcap
+        )
+        scored = self.completion_mask.bool()
+        if hidden.shape[0] == B * (self.input_len - 1):
+            tokens = hidden.view(B, self.input_len - 1, -1)[:, -T:]
+        else:  # packed completion tokens; keep those the loss mask keeps
+            tokens = hidden[self.loss_mask.bool()[scored]]
+        kw = self.loss_kwargs
+        self.output = policy_loss(
+            tokens,
+            weight,
+            self.completion_ids,
+            kw["advantages"],
+            self.loss_mask,
+            old_logps=kw.get("old_logps"),
+            ref_logps=kw.get("ref_logps"),
+            sampling_logps=kw.get("sampling_logps"),
+            importance_sampling_ratio=kw.get("importance_sampling_ratio"),
+            num_items_in_batch=kw.get("num_items_in_batch"),
+            bias=bias,
+            config=config,
+            backend="auto",
+            **self.hooks,
+        )
+        # Hand TRL's forward per-token values in the layout it scatters back (it only logs their shapes' worth)
+        per_token = []
+        for values in (self.output.logps, self.output.entropy):
+            if hidden.shape[0] == B * (self.input_len - 1):
+                padded = values.new_zeros(B, self.input_len - 1)
+                padded[:, -T:] = values
+                per_token.append(padded.reshape(-1))
+            else:
+                per_token.append(values[scored])
+        return per_token[0], per_token[1], None, None, None
+
+
+@contextlib.contextmanager
+def _active(request):
+    token = _request.set(request)
+    try:
+        yield request
+    finally:
+        _request.reset(token)
+
+
+def _quiet_replace(config: PolicyLossConfig, **changes) -> PolicyLossConfig:
+    # TRL already warned about the configuration when the trainer was built
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return config.replace(**changes) if changes else config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer configuration -> PolicyLossConfig
+
+
+def _accumulation(trainer, mode: str) -> dict:
+    train = mode == "train"
+    steps = getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
+    return dict(
+        gradient_accumulation_steps=steps if train else 1,
+        steps_per_generation=(trainer.args.steps_per_generation or steps) if train else 1,
+        num_processes=trainer.accelerator.num_processes,
+    )
+
+
+def policy_config_for(trainer, mode: str = "train", entropy_coef: float = 0.0) -> PolicyLossConfig:
+    """The :class:`PolicyLossConfig` that reproduces ``trainer``'s loss (``mode``: "train" or "eval")."""
+    from trl import RLOOTrainer
+    from trl.experimental.gmpo import GMPOTrainer
+
+    args = trainer.args
+    common = dict(
+        epsilon=trainer.epsilon_low,
+        epsilon_high=trainer.epsilon_high,
+        temperature=trainer.temperature,
+        **_accumulation(trainer, mode),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRL warned about the configuration when the trainer was built
+        if isinstance(trainer, RLOOTrainer):
+            return PolicyLossConfig(loss_type="rloo", **common)
+        if isinstance(trainer, GMPOTrainer):
+            return PolicyLossConfig(
+                loss_type="gmpo", beta=trainer.beta, top_entropy_quantile=trainer.top_entropy_quantile, **common
+            )
+        return PolicyLossConfig(
+            loss_type=trainer.loss_type,
+            importance_sampling_level=trainer.importance_sampling_level,
+            delta=args.delta,
+            beta=trainer.beta,
+            use_bias_correction_kl=args.use_bias_correction_kl,
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos,
+            vespo_lambda_pos=args.vespo_lambda_pos,
+            vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg,
+            max_completion_length=trainer.max_completion_length,
+            top_entropy_quantile=trainer.top_entropy_quantile,
+            off_policy_mask_threshold=trainer.off_policy_mask_threshold,
+            entropy_coef=entropy_coef,
+            **common,
+        )
+
+
+def _hooks(trainer) -> dict:
+    """The accelerator's cross-process reductions, where TRL's ``_compute_loss`` uses them."""
+    accelerator = trainer.accelerator
+    sentinel = -1e9  # entropies are >= 0, so this pad value cannot collide with one
+
+    def gather_values(values: torch.Tensor) -> torch.Tensor:
+        gathered = accelerator.gather(accelerator.pad_across_processes(values, dim=0, pad_index=sentinel))
+        return gathered[gathered != sentinel]
+
+    return dict(
+        reduce_sum=lambda x: accelerator.reduce(x, reduction="sum"),
+        gather=accelerator.gather,
+        gather_values=gather_values,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused _compute_loss of each trainer
+
+_MODEL_INPUTS = (
+    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+)  # fmt: skip
+
+
+def _score(trainer, model, inputs, loss_mask, config, loss_kwargs, compute_aux_loss=False):
+    """Run TRL's scoring forward with a loss request active; returns the loss output and the MoE aux loss."""
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+    request = _LossRequest(
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        loss_mask=loss_mask,
+        input_len=input_ids.shape[1],
+        config=config,
+        loss_kwargs=loss_kwargs,
+        hooks=_hooks(trainer),
+    )
+    with _active(request):
+        _, _, aux_loss = trainer._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=compute_aux_loss,
+            **{name: inputs.get(name) for name in _MODEL_INPUTS},
+        )
+    if request.output is None:
+        raise RuntimeError(
+            "use_fused_gspo_loss=True: the model's forward did not reach TRL's fused LM head, so the fused loss was "
+            "never computed (was the model's forward replaced after the trainer was built?)"
+        )
+    return request.output, aux_loss
+
+
+def _log(trainer, mode: str, metrics: dict, skip=("policy_loss", "entropy_coef")) -> None:
+    for name, value in metrics.items():
+        if name not in skip:
+            trainer._metrics[mode][name].append(value)
+
+
+def _grpo_compute_loss(self, model, inputs):
+    mode = "train" if self.model.training else "eval"
+    completion_mask = inputs["completion_mask"]
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    apply_coef = 0.0
+    if self._entropy_bonus_enabled:
+        # The coefficient and gate in force since the last optimizer step, as TRL applies them
+        adaptive_off = self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target
+        apply_coef = 0.0 if adaptive_off else self.entropy_coef
+    config = policy_config_for(self, mode, apply_coef)
+    if self.loss_type == "vespo":
+        is_ratio = inputs.get("importance_sampling_ratio")
+    elif self.use_vllm and self.vllm_importance_sampling_correction:
+        is_ratio = inputs["importance_sampling_ratio"]
+    else:
+        is_ratio = None
+    loss_kwargs = dict(
+        advantages=inputs["advantages"],
+        old_logps=inputs.get("old_per_token_logps"),
+        ref_logps=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
+        sampling_logps=inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None,
+        importance_sampling_ratio=is_ratio,
+        num_items_in_batch=inputs.get("num_items_in_batch"),
+    )
+    out, aux_loss = _score(self, model, inputs, mask, config, loss_kwargs, compute_aux_loss=self.aux_loss_enabled)
+    loss = out.loss
+    if self._entropy_bonus_enabled:
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(out.policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            _adaptive_entropy_update(self, out, mask)
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+    if self.aux_loss_enabled:
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+    _log(self, mode, out.metrics)
+    return loss
+
+
+def _adaptive_entropy_update(trainer, out, mask) -> None:
+    """TRL's adaptive entropy controller: window-global token-weighted entropy, stepped at each optimizer step."""
+    effective = mask if out.entropy_mask is None else mask * out.entropy_mask
+    stats = torch.stack([(out.entropy * effective).sum(), effective.sum().to(out.entropy.dtype)])
+    window = trainer._entropy_window_stats
+    trainer._entropy_window_stats = stats if window is None else window + stats
+    if not trainer.accelerator.sync_gradients:
+        return
+    totals = trainer.accelerator.reduce(trainer._entropy_window_stats, reduction="sum")
+    world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+    args = trainer.args
+    if world_entropy <= args.entropy_target:
+        trainer.entropy_coef = min(trainer.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+    else:
+        trainer.entropy_coef = max(trainer.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+    trainer._last_world_entropy = world_entropy
+    trainer._entropy_window_stats = None
+
+
+def _gmpo_compute_loss(self, model, inputs):
+    mode = "train" if self.model.training else "eval"
+    completion_mask = inputs["completion_mask"]
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    loss_kwargs = dict(
+        advantages=inputs["advantages"],
+        old_logps=inputs.get("old_per_token_logps"),
+        ref_logps=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
+    )
+    out, _ = _score(self, model, inputs, mask, policy_config_for(self, mode), loss_kwargs)
+    _log(self, mode, out.metrics)
+    return out.loss
+
+
+def _rloo_compute_loss(self, model, inputs):
+    mode = "train" if self.model.training else "eval"
+    loss_kwargs = dict(advantages=inputs["advantages"], old_logps=inputs["old_logps"])
+    out, aux_loss = _score(
+        self,
+        model,
+        inputs,
+        inputs["completion_mask"],
+        policy_config_for(self, mode),
+        loss_kwargs,
+        compute_aux_loss=self.aux_loss_enabled,
+    )
+    loss = out.loss
+    if self.aux_loss_enabled:  # RLOO's loss is unscaled (the HF Trainer divides it), so is its aux term
+        loss = loss + self.router_aux_loss_coef * aux_loss
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+    _log(self, mode, out.metrics)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patching
+
+
+def _switch(original, fused):
+    @functools.wraps(original)
+    def _compute_loss(self, model, inputs):
+        return fused(self, model, inputs) if _flag_on(self) else original(self, model, inputs)
+
+    return _compute_loss
+
+
+def _fused_logps_when_flagged(original):
+    @functools.wraps(original)
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        if not _flag_on(self) or _request.get() is not None:
+            return original(self, *args, **kwargs)
+        with _active(_LogProbRequest()):
+            return original(self, *args, **kwargs)
+
+    return _get_per_token_logps_and_entropies
+
+
+def _validated_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if _flag_on(self):
+            try:
+                policy_config_for(self, "train", 1.0 if self.__dict__.get("_entropy_bonus_enabled") else 0.0)
+            except ValueError as exc:
+                raise ValueError(f"use_fused_gspo_loss=True cannot reproduce this trainer's loss: {exc}") from exc
+
+    return __init__
+
+
+def _targets():
+    """(owner, attribute, replacement factory) for every TRL attribute the patch replaces."""
+    import trl.trainer.utils as trl_utils
+    from trl import GRPOTrainer, RLOOTrainer
+    from trl.experimental.gmpo import GMPOTrainer
+
+    return [
+        (trl_utils, "_ChunkedLogProbFunction", _ChunkedLogProbStandIn),
+        (GRPOTrainer, "_compute_loss", lambda f: _switch(f, _grpo_compute_loss)),
+        (GMPOTrainer, "_compute_loss", lambda f: _switch(f, _gmpo_compute_loss)),
+        (RLOOTrainer, "_compute_loss", lambda f: _switch(f, _rloo_compute_loss)),
+        (GRPOTrainer, "_get_per_token_logps_and_entropies", _fused_logps_when_flagged),
+        (RLOOTrainer, "_get_per_token_logps_and_entropies", _fused_logps_when_flagged),
+        (GRPOTrainer, "__init__", _validated_init),
+        (RLOOTrainer, "__init__", _validated_init),
+    ]
+
+
+def _config_classes():
+    from trl import GRPOConfig, RLOOConfig
+    from trl.experimental.gmpo import GMPOConfig
+
+    return [GRPOConfig, RLOOConfig, GMPOConfig]
+
+
+def patch_trl() -> None:
+    """Give TRL's GRPO, GMPO and RLOO configs the ``use_fused_gspo_loss`` field and their trainers the switch.
+
+    Idempotent; :func:`unpatch_trl` restores TRL exactly. With the flag off nothing about TRL changes.
+    """
+    if _saved.get("patched"):
+        return
+    for cls in _config_classes():
+        _add_flag(cls)
+    originals = []
+    for owner, name, make in _targets():
+        original = owner.__dict__[name]
+        originals.append((owner, name, original))
+        setattr(owner, name, make(original))
+    _saved["patched"] = originals
+
+
+def unpatch_trl() -> None:
+    """Undo :func:`patch_trl` (a no-op when TRL is not patched)."""
+    originals = _saved.pop("patched", None)
+    if not originals:
+        return
+    for owner, name, original in originals:
+        setattr(owner, name, original)
+    for cls in _config_classes():
+        _remove_flag(cls)
+
+
+def is_patched() -> bool:
+    return bool(_saved.get("patched"))

@@ -1,0 +1,252 @@
+"""The TRL adapter end to end: real TRL trainers on a tiny random causal LM, flag off vs on, same seed.
+
+Each case trains a few steps twice from the same seed and asserts that the logged losses, gradient norms and
+metrics, and the updated weights, agree. The model is a 2-layer Qwen2 built from a config, the tokenizer a word-level
+one built here (no downloads), the reward rule-based.
+"""
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+import fused_gspo  # noqa: E402
+from fused_gspo.trl import FLAG, patch_trl, unpatch_trl  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+
+WORDS = [f"w{i}" for i in range(300)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(autouse=True)
+def patched():
+    patch_trl()
+    yield
+    unpatch_trl()
+
+
+def tiny_model(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(WORDS) + 3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        **overrides,
+    )
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        # Point the EOS row along the mean final hidden state so ~5% of sampled tokens end the completion: some
+        # completions terminate, others are truncated (what mask_truncated_completions acts on)
+        hidden = model.model(torch.randint(3, config.vocab_size, (8, 16))).last_hidden_state.mean((0, 1))
+        model.lm_head.weight[config.eos_token_id] = 3.5 * hidden / hidden.square().sum()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, tokenizer):
+    """The tiny model saved locally: trainers load it (and their reference model) by path, as with a Hub id."""
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tiny_model().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def prompts_dataset(n: int = 8):
+    g = torch.Generator().manual_seed(0)
+    rows = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (3,), generator=g)) for _ in range(n)]
+    return datasets.Dataset.from_dict({"prompt": rows})
+
+
+def even_words_reward(completions, **_):
+    """Fraction of even-numbered words: a verifiable, rule-based reward."""
+    scores = []
+    for text in completions:
+        words = text.split()
+        scores.append(sum(w.startswith("w") and int(w[1:]) % 2 == 0 for w in words) / max(len(words), 1))
+    return scores
+
+
+TIMINGS = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+@pytest.fixture(autouse=True)
+def fused_calls(monkeypatch):
+    """Counts the fused loss and log-prob computations, to prove the flag really switches the path."""
+    import fused_gspo.trl.patch as adapter
+
+    calls = {"loss": 0, "logprobs": 0}
+    loss_fn, logprob_fn = adapter.policy_loss, adapter.fused_logprobs
+
+    def counted_loss(*args, **kwargs):
+        calls["loss"] += 1
+        return loss_fn(*args, **kwargs)
+
+    def counted_logprobs(*args, **kwargs):
+        calls["logprobs"] += 1
+        return logprob_fn(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "policy_loss", counted_loss)
+    monkeypatch.setattr(adapter, "fused_logprobs", counted_logprobs)
+    return calls
+
+
+def train(trainer_cls, config_cls, tokenizer, model, flag: bool, **kwargs):
+    """Train ``max_steps`` with plain SGD (its update is proportional to the gradient, so differences stay
+    comparable; Adam would blow up the rounding noise of gradients that are mathematically zero)."""
+    torch.manual_seed(1234)
+    args = dict(
+        output_dir="/tmp/fused-gspo-trl-test",
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        max_steps=3,
+        optim="sgd",
+        learning_rate=0.05,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=10,
+        seed=1234,
+        dataloader_num_workers=0,
+    )
+    args.update(kwargs)
+    config = config_cls(**args, **{FLAG: flag})
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=even_words_reward,
+        args=config,
+        train_dataset=prompts_dataset(),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    return logs, weights
+
+
+def assert_same_training(off, on, rtol=1e-4, atol=1e-6):
+    """Logged losses, gradient norms and metrics, and the trained weights, agree; the weights did move."""
+    logs_off, weights_off = off
+    logs_on, weights_on = on
+    assert len(logs_off) == len(logs_on) > 0
+    for entry_off, entry_on in zip(logs_off, logs_on, strict=True):
+        assert entry_off.keys() == entry_on.keys()
+        for key, value in entry_off.items():
+            if key in TIMINGS:
+                continue
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(entry_on[key]), key
+            elif isinstance(value, (int, float)):
+                assert entry_on[key] == pytest.approx(value, rel=rtol, abs=atol), (key, value, entry_on[key])
+    for name, tensor in weights_off.items():
+        torch.testing.assert_close(weights_on[name], tensor, rtol=rtol, atol=atol, msg=name)
+    initial = tiny_model().state_dict()  # what model_path holds
+    assert any(not torch.equal(weights_on[n], initial[n]) for n in weights_on), "training should move the weights"
+
+
+GRPO_CASES = {
+    "grpo": dict(loss_type="grpo"),
+    "gspo_paper": dict(
+        loss_type="grpo",
+        importance_sampling_level="sequence",
+        beta=0.0,
+        epsilon=3e-4,
+        epsilon_high=4e-4,
+        steps_per_generation=4,
+        gradient_accumulation_steps=1,
+    ),
+    "dapo": dict(loss_type="dapo", epsilon_high=0.28, mask_truncated_completions=True),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "unsloth_gspo": dict(loss_type="dr_grpo", importance_sampling_level="sequence"),
+    "beta_kl": dict(loss_type="bnpo", beta=0.05),
+    "off_policy_entropy": dict(
+        loss_type="grpo",
+        steps_per_generation=2,
+        gradient_accumulation_steps=1,
+        num_iterations=2,
+        epsilon=0.01,
+        entropy_coef=0.01,
+        top_entropy_quantile=0.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_trainer_flag_on_matches_flag_off(tokenizer, model_path, fused_calls, case):
+    kwargs = GRPO_CASES[case]
+    off = train(trl.GRPOTrainer, trl.GRPOConfig, tokenizer, model_path, flag=False, **kwargs)
+    assert fused_calls == {"loss": 0, "logprobs": 0}
+    on = train(trl.GRPOTrainer, trl.GRPOConfig, tokenizer, model_path, flag=True, **kwargs)
+    assert fused_calls["loss"] >= 3
+    assert_same_training(off, on)
+    if case in ("gspo_paper", "off_policy_entropy"):
+        # steps_per_generation > gradient_accumulation_steps: ratios are off-policy and get clipped
+        assert any(entry.get("clip_ratio/region_mean", 0) > 0 for entry in on[0])
+    if case == "dapo":  # some completions end, others are truncated and masked out
+        assert any(0 < entry["completions/clipped_ratio"] < 1 for entry in on[0]), [
+            e["completions/clipped_ratio"] for e in on[0]
+        ]
+
+
+def test_gmpo_trainer_flag_on_matches_flag_off(tokenizer, model_path, fused_calls):
+    from trl.experimental.gmpo import GMPOConfig, GMPOTrainer
+
+    kwargs = dict(steps_per_generation=2, gradient_accumulation_steps=1, beta=0.02)
+    off = train(GMPOTrainer, GMPOConfig, tokenizer, model_path, flag=False, **kwargs)
+    on = train(GMPOTrainer, GMPOConfig, tokenizer, model_path, flag=True, **kwargs)
+    assert fused_calls["loss"] >= 3 and fused_calls["logprobs"] > 0
+    assert_same_training(off, on)
+
+
+def test_rloo_trainer_flag_on_matches_flag_off(tokenizer, model_path, fused_calls):
+    kwargs = dict(steps_per_generation=2, gradient_accumulation_steps=1, beta=0.05)
+    off = train(trl.RLOOTrainer, trl.RLOOConfig, tokenizer, model_path, flag=False, **kwargs)
+    on = train(trl.RLOOTrainer, trl.RLOOConfig, tokenizer, model_path, flag=True, **kwargs)
+    assert fused_calls["loss"] >= 3 and fused_calls["logprobs"] > 0
+    assert_same_training(off, on)
+
+
+def test_flag_is_a_real_dataclass_field():
+    from transformers import HfArgumentParser
+
+    names = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
+    assert FLAG in names
+    (parsed,) = HfArgumentParser(trl.GRPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", "/tmp/x", "--use_cpu", "true", "--report_to", "none", "--use_fused_gspo_loss", "true"]
+    )
+    assert parsed.use_fused_gspo_loss is True and parsed.to_dict()[FLAG] is True
+    assert trl.GRPOConfig(output_dir="/tmp/x", use_cpu=True).use_fused_gspo_loss is False
+    patch_trl()  # idempotent
+    unpatch_trl()
+    assert FLAG not in {f.name for f in dataclasses.fields(trl.GRPOConfig)}
+    with pytest.raises(TypeError):
+        trl.GRPOConfig(output_dir="/tmp/x", use_cpu=True, use_fused_gspo_loss=True)
+    fused_gspo.patch_trl()
+    assert FLAG in {f.name for f in dataclasses.fields(trl.RLOOConfig)}
