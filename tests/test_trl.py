@@ -250,3 +250,128 @@ def test_flag_is_a_real_dataclass_field():
         trl.GRPOConfig(output_dir="/tmp/x", use_cpu=True, use_fused_gspo_loss=True)
     fused_gspo.patch_trl()
     assert FLAG in {f.name for f in dataclasses.fields(trl.RLOOConfig)}
+
+
+class IndexFilter:
+    """The seed documentation's group filter: scores each completion by its index in the group."""
+
+    def __call__(self, group_completions, group_rewards, **kwargs):
+        return [[float(i) for i in range(len(completions))] for completions in group_completions]
+
+
+class ShortestFilter:
+    """GFPO's concision filter: prefer the shortest completions."""
+
+    def __call__(self, group_completions, group_rewards, **kwargs):
+        return [[-float(len(c.split())) for c in completions] for completions in group_completions]
+
+
+def train_gfpo(tokenizer, model_path, flag, group_filter_func, **kwargs):
+    from fused_gspo.trl import GFPOConfig, GFPOTrainer
+
+    original_init = GFPOTrainer.__init__
+
+    def init_with_filter(self, *args, **kw):
+        original_init(self, *args, group_filter_func=group_filter_func, **kw)
+
+    GFPOTrainer.__init__ = init_with_filter
+    try:
+        return train(GFPOTrainer, GFPOConfig, tokenizer, model_path, flag=flag, **kwargs)
+    finally:
+        GFPOTrainer.__init__ = original_init
+
+
+@pytest.mark.parametrize("group_filter", [IndexFilter(), ShortestFilter()], ids=["index", "shortest"])
+def test_gfpo_trainer_flag_on_matches_flag_off(tokenizer, model_path, fused_calls, group_filter):
+    kwargs = dict(num_remains_in_group=2, loss_type="grpo", scale_rewards="group")
+    off = train_gfpo(tokenizer, model_path, False, group_filter, **kwargs)
+    on = train_gfpo(tokenizer, model_path, True, group_filter, **kwargs)
+    assert fused_calls["loss"] >= 3
+    assert_same_training(off, on)
+
+
+def test_gfpo_filters_and_renormalizes(tokenizer, model_path):
+    """Inside one generation step: kept rows, advantages normalized within the kept completions, token count."""
+    from fused_gspo.trl import GFPOConfig, GFPOTrainer
+
+    args = GFPOConfig(
+        output_dir="/tmp/fused-gspo-gfpo", use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=4,
+        num_generations=4, max_completion_length=10, num_remains_in_group=2, seed=3,
+    )  # fmt: skip
+    trainer = GFPOTrainer(
+        model=model_path, reward_funcs=even_words_reward, args=args, train_dataset=prompts_dataset(),
+        processing_class=tokenizer, group_filter_func=ShortestFilter(),
+    )  # fmt: skip
+    captured = {}
+    original = trainer._calculate_rewards
+
+    def spy(*a, **kw):
+        captured["rewards"] = original(*a, **kw)
+        captured["completions"] = list(a[2])
+        return captured["rewards"]
+
+    trainer._calculate_rewards = spy
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(batch)
+    lengths = torch.tensor([len(c.split()) for c in captured["completions"]], dtype=torch.float32)
+    groups = lengths.numel() // 4
+    assert output["completion_ids"].shape[0] == groups * 2
+    rewards = captured["rewards"].squeeze(1)
+    for g in range(groups):
+        kept = (-lengths[g * 4 : (g + 1) * 4]).topk(2).indices.sort().values + g * 4
+        expected = rewards[kept] - rewards[kept].mean()
+        expected = expected / (rewards[kept].std() + 1e-4)
+        torch.testing.assert_close(output["advantages"][g * 2 : g * 2 + 2], expected, rtol=1e-5, atol=1e-6)
+    assert int(output["num_items_in_batch"]) == int(output["completion_mask"].sum())
+
+
+def test_gfpo_config_validation():
+    from fused_gspo.trl import GFPOConfig
+
+    with pytest.raises(ValueError, match="num_remains_in_group"):
+        GFPOConfig(output_dir="/tmp/x", use_cpu=True, num_generations=4, num_remains_in_group=4)
+    assert GFPOConfig(output_dir="/tmp/x", use_cpu=True, use_fused_gspo_loss=True).use_fused_gspo_loss
+
+
+def _compare_logs(a, b, keys):
+    for entry_a, entry_b in zip(a, b, strict=True):
+        for key in keys:
+            assert entry_b[key] == pytest.approx(entry_a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_gspo_token_with_sequence_advantages_trains_like_gspo(tokenizer, model_path):
+    kwargs = dict(loss_type="grpo", steps_per_generation=2, gradient_accumulation_steps=1, epsilon=0.01)
+    gspo = train(trl.GRPOTrainer, trl.GRPOConfig, tokenizer, model_path, flag=True,
+                 importance_sampling_level="sequence", **kwargs)  # fmt: skip
+    token = train(trl.GRPOTrainer, trl.GRPOConfig, tokenizer, model_path, flag=True,
+                  importance_sampling_level="sequence_token", **kwargs)  # fmt: skip
+    _compare_logs(gspo[0], token[0], ["loss", "grad_norm", "entropy"])
+    for name, tensor in gspo[1].items():
+        torch.testing.assert_close(token[1][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="importance sampling level"):
+        train(trl.GRPOTrainer, trl.GRPOConfig, tokenizer, model_path, flag=False,
+              importance_sampling_level="sequence_token", **kwargs)  # fmt: skip
+
+
+class PerTokenAdvantageGRPOTrainer(trl.GRPOTrainer if trl else object):
+    """A GRPO subclass with per-token advantages ``[B, T]``: later tokens get more credit."""
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        T = output["completion_ids"].shape[1]
+        ramp = torch.linspace(0.5, 1.5, T, device=output["advantages"].device)
+        output["advantages"] = output["advantages"].unsqueeze(1) * ramp
+        return output
+
+
+def test_gspo_token_with_per_token_advantages(tokenizer, model_path, fused_calls):
+    kwargs = dict(loss_type="grpo", steps_per_generation=2, gradient_accumulation_steps=1, epsilon=0.01)
+    token = train(PerTokenAdvantageGRPOTrainer, trl.GRPOConfig, tokenizer, model_path, flag=True,
+                  importance_sampling_level="sequence_token", **kwargs)  # fmt: skip
+    gspo = train(PerTokenAdvantageGRPOTrainer, trl.GRPOConfig, tokenizer, model_path, flag=True,
+                 importance_sampling_level="sequence", **kwargs)  # fmt: skip
+    assert fused_calls["loss"] >= 6
+    assert all(math.isfinite(entry["loss"]) for entry in token[0])
+    moved = max((token[1][n] - gspo[1][n]).abs().max().item() for n in token[1])
+    assert moved > 1e-6, "per-token advantages must make GSPO-token differ from GSPO"

@@ -1,5 +1,6 @@
 """The TRL adapter: ``patch_trl()`` adds ``use_fused_gspo_loss`` to TRL's trainers; GFPO on top of GRPO."""
 
+from .gfpo import GFPOConfig, GFPOTrainer
 from .patch import FLAG, is_patched, patch_trl, policy_config_for, unpatch_trl
 
-__all__ = ["FLAG", "is_patched", "patch_trl", "policy_config_for", "unpatch_trl"]
+__all__ = ["FLAG", "GFPOConfig", "GFPOTrainer", "is_patched", "patch_trl", "policy_config_for", "unpatch_trl"]
