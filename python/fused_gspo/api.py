@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .chunked import LogProbFunction, SinglePassPolicyFunction, stats_dtype_for, tokens_per_chunk
+from .chunked import SinglePassPolicyFunction, logprobs, stats_dtype_for, tokens_per_chunk
 from .config import PolicyLossConfig
 from .head import HeadParams, TorchTileOps, full_logprobs
 from .objectives import (
@@ -201,7 +201,7 @@ def policy_loss(
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     bounds = _single_pass_bounds(cfg, batch, valid, weight.shape[0], stats_dtype, ops) if wants_grad else None
     if bounds is None:
-        logp, entropy = LogProbFunction.apply(x, weight, bias, targets, head, ops, cfg.workspace_bytes)
+        logp, entropy = logprobs(x, weight, bias, targets, head, ops, cfg.workspace_bytes)
         return _finish(scatter(logp), scatter(entropy), batch, cfg, num_items_in_batch, hooks)
 
     norms = Normalizers.of(batch, cfg, num_items_in_batch)
@@ -320,9 +320,7 @@ def fused_logprobs(
     if backend == "eager":
         logp, entropy = full_logprobs(flat_hidden, weight, bias, flat_targets, head)
     else:
-        logp, entropy = LogProbFunction.apply(
-            flat_hidden, weight, bias, flat_targets, head, _tile_ops(backend), workspace_bytes
-        )
+        logp, entropy = logprobs(flat_hidden, weight, bias, flat_targets, head, _tile_ops(backend), workspace_bytes)
     logp, entropy = logp.view(shape), entropy.view(shape)
     return (logp, entropy) if return_entropy else logp
 

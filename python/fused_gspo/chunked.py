@@ -128,6 +128,7 @@ class LogProbFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, head: HeadParams, ops, workspace_bytes: int):
         ctx.set_materialize_grads(False)
+        ctx.head, ctx.ops, ctx.workspace_bytes = head, ops, workspace_bytes
         chunks = _Chunks(hidden, weight, bias, ops, head, workspace_bytes)
         # NaN-filled, so a token no chunk scored can never pass for a result
         logp = _poisoned(hidden.shape[0], hidden.device, chunks.stats_dtype)
@@ -136,7 +137,6 @@ class LogProbFunction(torch.autograd.Function):
             tile = chunks.project(start, stop)
             logp[start:stop], entropy[start:stop], lse[start:stop] = ops.forward(tile, targets[start:stop], head)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.head, ctx.ops, ctx.workspace_bytes = head, ops, workspace_bytes
         return logp, entropy
 
     @staticmethod
@@ -161,6 +161,18 @@ class LogProbFunction(torch.autograd.Function):
             acc.add(start, stop, grad_y)
         dx, dw, db = acc.results(bias)
         return dx, dw, db, None, None, None, None
+
+
+def logprobs(hidden, weight, bias, targets, head: HeadParams, ops, workspace_bytes: int):
+    """``(logp, entropy)`` of ``targets``, each ``[N]``: differentiable through :class:`LogProbFunction`, or, when no
+    gradient can flow and the tile ops have one, from a matmul-with-epilogue kernel whose logits never leave the chip
+    (the ``old`` / ``ref`` log-prob pass)."""
+    fused = getattr(ops, "fused_logprobs", None)
+    grad_possible = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if fused is not None and not grad_possible and torch.promote_types(hidden.dtype, weight.dtype) != torch.float64:
+        logp, entropy, _ = fused(hidden, weight, bias, targets, head)
+        return logp, entropy
+    return LogProbFunction.apply(hidden, weight, bias, targets, head, ops, workspace_bytes)
 
 
 class SinglePassPolicyFunction(torch.autograd.Function):

@@ -61,10 +61,15 @@ class TorchTileOps:
     def forward(y: torch.Tensor, targets: torch.Tensor, head: HeadParams):
         """``y``: ``[n, V]`` projection (stats dtype). Returns ``logp``, ``entropy``, ``lse``, each ``[n]``."""
         z = head.transform(y)
-        lse = torch.logsumexp(z, dim=-1)
-        p = torch.exp(z - lse.unsqueeze(-1))
-        entropy = lse - (p * z).sum(-1)
-        logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        m = z.amax(-1, keepdim=True)
+        shifted = z - m  # <= 0
+        e = torch.exp(shifted)
+        s = e.sum(-1)
+        # entropy = log s + sum e (m - z) / s: a sum of non-negative terms, accurate on peaked rows (the textbook
+        # lse - sum p z cancels to ~1e-3 relative there in float32)
+        entropy = torch.log(s) - (e * shifted).sum(-1) / s
+        lse = m.squeeze(-1) + torch.log(s)
+        logp = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.log(s)
         return logp, entropy, lse
 
     @staticmethod
