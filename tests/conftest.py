@@ -100,9 +100,14 @@ def draw_problem(
     return problem
 
 
-def cast_problem(problem: dict, dtype: torch.dtype, requires_grad: bool = True) -> dict:
-    """The head's float inputs in ``dtype`` (leaves with grad), everything else as drawn."""
-    out = dict(problem)
+def backend_device(backend: str) -> str:
+    """Where a backend's tests run: the GPU when there is one (Triton needs it without the interpreter), else CPU."""
+    return DEVICE if backend in ("triton", "auto") else "cpu"
+
+
+def cast_problem(problem: dict, dtype: torch.dtype, requires_grad: bool = True, device: str = "cpu") -> dict:
+    """The head's float inputs in ``dtype`` (leaves with grad), everything on ``device``."""
+    out = {k: v.to(device) for k, v in problem.items()}
     for name in ("hidden", "weight", "bias"):
         if name in out:
             out[name] = out[name].to(dtype).detach().requires_grad_(requires_grad)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import cast_problem, draw_problem, rel_err
+from conftest import backend_device, cast_problem, draw_problem, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,11 +49,13 @@ def objectives(draw):
 
 
 def _run(problem, dtype, backend, **cfg):
-    inputs = cast_problem(problem, dtype)
+    """Loss output and gradients (hidden, weight, bias), brought back to the CPU for comparison."""
+    inputs = cast_problem(problem, dtype, device=backend_device(backend))
     out = fused_policy_loss(**inputs, backend=backend, **cfg)
     leaves = [inputs[k] for k in ("hidden", "weight", "bias") if k in inputs]
     grads = torch.autograd.grad(out.loss, leaves)
-    return out, grads
+    out.loss, out.logps, out.entropy = out.loss.cpu(), out.logps.cpu(), out.entropy.cpu()
+    return out, [g.cpu() for g in grads]
 
 
 def _check_metrics(metrics, ref_metrics, tol, one_token):
@@ -373,8 +375,10 @@ def test_old_and_ref_logprob_pass_without_grad(backend):
     valid = problem["completion_mask"].bool()
     hidden, targets = problem["hidden"][valid], problem["completion_ids"][valid]
     ref = fused_logprobs(hidden, problem["weight"], targets, return_entropy=True, backend="eager", temperature=0.9)
+    device = backend_device(backend)
     with torch.no_grad():
         got = fused_logprobs(
-            hidden.float(), problem["weight"].float(), targets, return_entropy=True, backend=backend, temperature=0.9
-        )
-    assert all(rel_err(g, r) < 1e-5 for g, r in zip(got, ref, strict=True))
+            hidden.float().to(device), problem["weight"].float().to(device), targets.to(device),
+            return_entropy=True, backend=backend, temperature=0.9,
+        )  # fmt: skip
+    assert all(rel_err(g.cpu(), r) < 1e-5 for g, r in zip(got, ref, strict=True))
