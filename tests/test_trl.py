@@ -116,7 +116,7 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def train(trainer_cls, config_cls, tokenizer, model, flag: bool, **kwargs):
+def train(trainer_cls, config_cls, tokenizer, model, flag: bool, trainer_kwargs=None, **kwargs):
     """Train ``max_steps`` with plain SGD (its update is proportional to the gradient, so differences stay
     comparable; Adam would blow up the rounding noise of gradients that are mathematically zero)."""
     torch.manual_seed(1234)
@@ -144,6 +144,7 @@ def train(trainer_cls, config_cls, tokenizer, model, flag: bool, **kwargs):
         args=config,
         train_dataset=prompts_dataset(),
         processing_class=tokenizer,
+        **(trainer_kwargs or {}),
     )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -151,8 +152,9 @@ def train(trainer_cls, config_cls, tokenizer, model, flag: bool, **kwargs):
     return logs, weights
 
 
-def assert_same_training(off, on, rtol=1e-4, atol=1e-6):
-    """Logged losses, gradient norms and metrics, and the trained weights, agree; the weights did move."""
+def assert_same_training(off, on, rtol=1e-4, atol=1e-6, initial=None):
+    """Logged losses, gradient norms and metrics, and the trained weights, agree; the weights did move (from
+    ``initial``, by default what ``model_path`` holds)."""
     logs_off, weights_off = off
     logs_on, weights_on = on
     assert len(logs_off) == len(logs_on) > 0
@@ -167,8 +169,11 @@ def assert_same_training(off, on, rtol=1e-4, atol=1e-6):
                 assert entry_on[key] == pytest.approx(value, rel=rtol, abs=atol), (key, value, entry_on[key])
     for name, tensor in weights_off.items():
         torch.testing.assert_close(weights_on[name], tensor, rtol=rtol, atol=atol, msg=name)
-    initial = tiny_model().state_dict()  # what model_path holds
-    assert any(not torch.equal(weights_on[n], initial[n]) for n in weights_on), "training should move the weights"
+    if initial is None:
+        initial = tiny_model().state_dict()
+    if initial:
+        moved = [n for n in weights_on if n in initial and not torch.equal(weights_on[n], initial[n])]
+        assert moved, "training should move the weights"
 
 
 GRPO_CASES = {
@@ -375,3 +380,117 @@ def test_gspo_token_with_per_token_advantages(tokenizer, model_path, fused_calls
     assert all(math.isfinite(entry["loss"]) for entry in token[0])
     moved = max((token[1][n] - gspo[1][n]).abs().max().item() for n in token[1])
     assert moved > 1e-6, "per-token advantages must make GSPO-token differ from GSPO"
+
+
+def _small(**extra) -> dict:
+    return dict(
+        vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None, **extra,
+    )  # fmt: skip
+
+
+def _with_eos_bias(model):
+    with torch.no_grad():
+        hidden = model.model(torch.randint(3, model.config.vocab_size, (8, 16))).last_hidden_state.mean((0, 1))
+        model.lm_head.weight[model.config.eos_token_id] = 3.5 * hidden / hidden.square().sum()
+    return model
+
+
+def tied_model():
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(**_small(tie_word_embeddings=True)))
+
+
+def biased_head_model():
+    model = tiny_model()
+    torch.manual_seed(5)
+    head = torch.nn.Linear(32, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.normal_(0.0, 0.5)
+    model.lm_head = head
+    return model
+
+
+def softcapped_model():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(**_small(head_dim=16, final_logit_softcapping=5.0, tie_word_embeddings=False))
+    return _with_eos_bias(Gemma2ForCausalLM(config))
+
+
+def scaled_logits_model():
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(0)
+    return CohereForCausalLM(CohereConfig(**_small(logit_scale=0.5)))
+
+
+def moe_model():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        **_small(
+            moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+            output_router_logits=True, tie_word_embeddings=False,
+        )
+    )  # fmt: skip
+    return _with_eos_bias(Qwen2MoeForCausalLM(config))
+
+
+VARIANTS = {
+    "tied_embeddings": (tied_model, {}),
+    "lm_head_bias": (biased_head_model, {}),
+    "softcapping": (softcapped_model, {}),
+    "logit_scale": (scaled_logits_model, {}),
+    "moe_aux_loss": (moe_model, {}),
+    "gradient_checkpointing": (tiny_model, {"gradient_checkpointing": True}),
+    "cast_lm_head_to_fp32": (tiny_model, {"cast_lm_head_to_fp32": True}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_model_variants_flag_on_matches_flag_off(tokenizer, fused_calls, variant):
+    factory, extra = VARIANTS[variant]
+    kwargs = dict(loss_type="grpo", steps_per_generation=2, gradient_accumulation_steps=1, epsilon=0.05, **extra)
+    off = train(trl.GRPOTrainer, trl.GRPOConfig, tokenizer, factory(), flag=False, **kwargs)
+    on = train(trl.GRPOTrainer, trl.GRPOConfig, tokenizer, factory(), flag=True, **kwargs)
+    assert fused_calls["loss"] >= 3
+    assert_same_training(off, on, initial=factory().state_dict())
+    if variant == "moe_aux_loss":
+        assert all(entry["aux_loss"] > 0 for entry in on[0])
+
+
+def test_lora_on_the_backbone(tokenizer, fused_calls):
+    peft = pytest.importorskip("peft")
+    kwargs = dict(loss_type="dapo", steps_per_generation=2, gradient_accumulation_steps=1, beta=0.02)
+
+    def run(flag):
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        torch.manual_seed(7)  # LoRA's own initialization
+        return train(
+            trl.GRPOTrainer,
+            trl.GRPOConfig,
+            tokenizer,
+            tiny_model(),
+            flag,
+            trainer_kwargs={"peft_config": lora},
+            **kwargs,
+        )
+
+    off, on = run(False), run(True)
+    assert fused_calls["loss"] >= 3 and fused_calls["logprobs"] > 0
+    # LoRA's B matrices start at zero: training must have moved them
+    assert_same_training(off, on, initial={n: torch.zeros_like(t) for n, t in on[1].items() if "lora_B" in n})
+
+
+def test_lora_on_the_lm_head_fails_at_construction(tokenizer):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
+    args = trl.GRPOConfig(output_dir="/tmp/x", use_cpu=True, report_to=[], use_fused_gspo_loss=True,
+                          per_device_train_batch_size=4, num_generations=4)  # fmt: skip
+    with pytest.raises(ValueError, match="lm_head"):
+        trl.GRPOTrainer(model=tiny_model(), reward_funcs=even_words_reward, args=args, train_dataset=prompts_dataset(),
+                        processing_class=tokenizer, peft_config=lora)  # fmt: skip
