@@ -8,6 +8,7 @@ one built here (no downloads), the reward rule-based.
 import dataclasses
 import math
 import warnings
+from collections import defaultdict
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+from conftest import rel_err  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 import fused_gspo  # noqa: E402
@@ -494,3 +496,107 @@ def test_lora_on_the_lm_head_fails_at_construction(tokenizer):
     with pytest.raises(ValueError, match="lm_head"):
         trl.GRPOTrainer(model=tiny_model(), reward_funcs=even_words_reward, args=args, train_dataset=prompts_dataset(),
                         processing_class=tokenizer, peft_config=lora)  # fmt: skip
+
+
+def _crafted_inputs(model, B=4, P=3, T=7, seed=0, with_tool_mask=False):
+    """A batch shaped like what ``_generate_and_score_completions`` hands to ``_compute_loss``."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt_ids = torch.randint(3, vocab, (B, P), generator=g)
+    completion_ids = torch.randint(3, vocab, (B, T), generator=g)
+    completion_mask = (torch.rand(B, T, generator=g) > 0.2).int()
+    completion_mask[:, 0] = 1
+    with torch.no_grad():
+        logits = model(torch.cat([prompt_ids, completion_ids], 1)).logits[:, P - 1 : -1].float()
+        current = torch.log_softmax(logits, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+    def near(scale):
+        return (current + scale * torch.randn(B, T, generator=g)) * completion_mask
+
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones(B, P, dtype=torch.int),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.randn(B, generator=g),
+        "old_per_token_logps": near(0.2),
+        "ref_per_token_logps": near(0.3),
+        "sampling_per_token_logps": near(0.3),
+        "importance_sampling_ratio": torch.exp(0.2 * torch.randn(B, T, generator=g)),
+        "num_items_in_batch": completion_mask.sum() * 3,
+    }
+    if with_tool_mask:
+        inputs["tool_mask"] = (torch.rand(B, T, generator=g) > 0.3).int()
+    return inputs
+
+
+COMPUTE_LOSS_CASES = {
+    "vllm_token_ratio": (dict(loss_type="grpo"), dict(use_vllm=True)),
+    "vllm_sequence_ratio": (dict(loss_type="bnpo"), dict(use_vllm=True, is_ratio_shape="sequence")),
+    "off_policy_mask": (dict(loss_type="dapo", off_policy_mask_threshold=0.01), {}),
+    "tool_mask_entropy_quantile": (
+        dict(loss_type="grpo", top_entropy_quantile=0.5, entropy_coef=0.02),
+        dict(tool=True),
+    ),
+    "accumulation_dapo": (dict(loss_type="dapo", gradient_accumulation_steps=4, steps_per_generation=8), dict(ga=4)),
+    "accumulation_grpo_kl": (dict(loss_type="grpo", gradient_accumulation_steps=2, beta=0.1), dict(ga=2)),
+    "eval_mode_dapo": (dict(loss_type="dapo", gradient_accumulation_steps=4), dict(ga=4, eval=True)),
+    "vespo_ratio": (dict(loss_type="vespo"), dict(use_vllm=True)),
+    "cispo": (dict(loss_type="cispo", epsilon_high=1.2), {}),
+    "sapo": (dict(loss_type="sapo"), {}),
+    "luspo": (dict(loss_type="luspo", importance_sampling_level="sequence"), {}),
+    "delta_bias_kl": (dict(loss_type="grpo", delta=1.3, beta=0.05, use_bias_correction_kl=True), {}),
+    "adaptive_entropy": (dict(loss_type="grpo", use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=9.0), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPUTE_LOSS_CASES))
+def test_compute_loss_matches_trl_on_the_same_inputs(tokenizer, model_path, fused_calls, case):
+    """One ``_compute_loss`` call, TRL's and ours, on the same crafted inputs: loss, gradients, metrics and the
+    entropy controller's state agree. Covers what a CPU run cannot produce: vLLM ratios, tool masks, accumulation
+    and eval normalizers."""
+    config_kwargs, options = COMPUTE_LOSS_CASES[case]
+    args = trl.GRPOConfig(
+        output_dir="/tmp/fused-gspo-compute-loss", use_cpu=True, bf16=False, report_to=[],
+        per_device_train_batch_size=4, num_generations=4, max_completion_length=7, **config_kwargs,
+    )  # fmt: skip
+    trainer = trl.GRPOTrainer(
+        model=model_path, reward_funcs=even_words_reward, args=args, train_dataset=prompts_dataset(),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.use_vllm = options.get("use_vllm", False)  # the ratios come from vLLM; the loss only reads the flag
+    trainer.current_gradient_accumulation_steps = options.get("ga", 1)
+    trainer.model.train(not options.get("eval", False))
+    inputs = _crafted_inputs(trainer.model, with_tool_mask=options.get("tool", False))
+    if options.get("is_ratio_shape") == "sequence":
+        inputs["importance_sampling_ratio"] = inputs["importance_sampling_ratio"][:, :1]
+    if not trainer.use_vllm:
+        del inputs["importance_sampling_ratio"]
+    if trainer.off_policy_mask_threshold is None:
+        del inputs["sampling_per_token_logps"]
+
+    def run(flag):
+        trainer.args.use_fused_gspo_loss = flag
+        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        state = (trainer.entropy_coef, trainer._last_world_entropy, trainer._entropy_window_stats)
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        after = (trainer.entropy_coef, trainer._last_world_entropy)
+        trainer.entropy_coef, trainer._last_world_entropy, trainer._entropy_window_stats = state
+        return loss.detach(), grads, {k: dict(v) for k, v in trainer._metrics.items()}, after
+
+    loss_off, grads_off, metrics_off, state_off = run(False)
+    assert fused_calls["loss"] == 0
+    loss_on, grads_on, metrics_on, state_on = run(True)
+    assert fused_calls["loss"] == 1
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-7)
+    assert grads_on.keys() == grads_off.keys() and grads_on
+    for name, grad in grads_off.items():
+        assert rel_err(grads_on[name], grad, floor=1e-8) < 1e-5, name
+    for mode in ("train", "eval"):
+        assert metrics_on[mode].keys() == metrics_off[mode].keys(), mode
+        for key, values in metrics_off[mode].items():
+            assert metrics_on[mode][key] == pytest.approx(values, rel=1e-5, abs=1e-7, nan_ok=True), key
+    assert state_on == pytest.approx(state_off)
