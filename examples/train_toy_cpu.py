@@ -78,18 +78,21 @@ def even_words(completions, **_) -> list[float]:
 
 
 class PrintReward(TrainerCallback):
-    """One line per generation step: reward, loss, entropy and the clipped fraction."""
+    """One line per optimizer step: the reward of the latest generation, loss, entropy, clipped fraction."""
 
     def __init__(self):
         self.history = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "reward" in logs:
+        if not logs or "loss" not in logs:
+            return
+        if "reward" in logs:
             self.history.append(logs["reward"])
-            clip = logs.get("clip_ratio/region_mean", float("nan"))
+        if state.global_step % 5 == 0 or state.global_step == 1:
             print(
-                f"step {state.global_step:3d}  reward {logs['reward']:.3f}  loss {logs.get('loss', float('nan')):+.4f}"
-                f"  entropy {logs.get('entropy', float('nan')):.3f}  clip {clip:.3f}",
+                f"step {state.global_step:3d}  reward {self.history[-1]:.3f}  loss {logs['loss']:+.4f}  "
+                f"entropy {logs.get('entropy', float('nan')):.3f}  "
+                f"clip {logs.get('clip_ratio/region_mean', float('nan')):.3f}",
                 flush=True,
             )
 
