@@ -21,7 +21,9 @@ def test_tile_forward_matches_log_softmax(head, n, vocab, seed):
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 4
     targets = torch.randint(0, vocab, (n,), generator=g)
-    logp, entropy, lse = TorchTileOps.forward(y.clone(), targets, head)
+    tile = y.clone()
+    logp, entropy, lse = TorchTileOps.forward(tile, targets, head)
+    assert torch.equal(tile, y), "forward leaves the tile as it found it"
     z = head.transform(y)
     logp_all = torch.log_softmax(z, -1)
     assert rel_err(logp, logp_all.gather(-1, targets[:, None]).squeeze(-1)) < 1e-12
@@ -37,11 +39,14 @@ def test_tile_backward_matches_autograd(terms, head, n, vocab, seed):
     targets = torch.randint(0, vocab, (n,), generator=g)
     grad_logp = torch.randn(n, generator=g, dtype=torch.float64) if terms != "entropy" else None
     grad_entropy = torch.randn(n, generator=g, dtype=torch.float64) if terms != "logp" else None
-    logp, entropy, lse = TorchTileOps.forward(y, targets, head)
+    logp_all = torch.log_softmax(head.transform(y), -1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
     objective = sum((out * w).sum() for out, w in ((logp, grad_logp), (entropy, grad_entropy)) if w is not None)
     (expected,) = torch.autograd.grad(objective, [y])
     tile = y.detach().clone()
-    got = TorchTileOps.backward_(tile, targets, lse.detach(), entropy.detach(), grad_logp, grad_entropy, head)
+    _, entropy, lse = TorchTileOps.forward(tile, targets, head)
+    got = TorchTileOps.backward_(tile, targets, lse, entropy, grad_logp, grad_entropy, head)
     assert got.data_ptr() == tile.data_ptr(), "the gradient overwrites the tile in place"
     assert rel_err(got, expected, floor=1e-12) < 1e-10
 

@@ -51,47 +51,52 @@ def full_logprobs(
 
 
 class TorchTileOps:
-    """Chunk statistics and logits gradient in plain PyTorch: the ``"torch"`` backend's tile operations."""
+    """Chunk statistics and logits gradient in plain PyTorch: the ``"torch"`` backend's tile operations.
+
+    Written in place where it can, so that next to the ``[n, V]`` tile they hold at most ``temporaries`` more.
+    """
 
     name = "torch"
-    # [n, V] temporaries these ops allocate next to the tile, for sizing chunks within the workspace
-    temporaries = 3
+    # [n, V] buffers these ops allocate next to the tile, for sizing chunks within the workspace
+    temporaries = 2
 
     @staticmethod
     def forward(y: torch.Tensor, targets: torch.Tensor, head: HeadParams):
-        """``y``: ``[n, V]`` projection (stats dtype). Returns ``logp``, ``entropy``, ``lse``, each ``[n]``."""
-        z = head.transform(y)
-        m = z.amax(-1, keepdim=True)
-        shifted = z - m  # <= 0
+        """``y``: ``[n, V]`` projection (stats dtype), left unchanged. Returns ``logp``, ``entropy``, ``lse``."""
+        shifted = head.transform(y)  # a new tensor unless the transform is the identity
+        m = shifted.amax(-1, keepdim=True)
+        shifted = shifted.sub_(m) if shifted is not y else shifted - m  # z - max <= 0
         e = torch.exp(shifted)
         s = e.sum(-1)
-        # entropy = log s + sum e (m - z) / s: a sum of non-negative terms, accurate on peaked rows (the textbook
+        log_s = torch.log(s)
+        logp = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_s
+        # entropy = log s + sum e (m - z) / s: non-negative terms, accurate on peaked rows (the textbook
         # lse - sum p z cancels to ~1e-3 relative there in float32)
-        entropy = torch.log(s) - (e * shifted).sum(-1) / s
-        lse = m.squeeze(-1) + torch.log(s)
-        logp = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.log(s)
-        return logp, entropy, lse
+        entropy = log_s - e.mul_(shifted).sum(-1) / s
+        return logp, entropy, m.squeeze(-1) + log_s
 
     @staticmethod
     def backward_(y, targets, lse, entropy, grad_logp, grad_entropy, head: HeadParams) -> torch.Tensor:
         """Overwrite ``y`` with ``dL/dy``. ``grad_logp``/``grad_entropy``: ``[n]`` or None (no such term)."""
-        scaled = y * head.logit_scale
+        # z = transform(y), rounded exactly as in forward (so a one-token vocabulary gives log p = 0 exactly)
+        t = None
+        y.mul_(head.logit_scale)
         if head.softcap is not None:
-            t = torch.tanh(scaled / head.softcap)
-            z = head.softcap * t / head.temperature
-        else:
-            z = scaled / head.temperature
-        log_p = z - lse.unsqueeze(-1)
+            t = torch.tanh(y / head.softcap)
+            torch.mul(t, head.softcap, out=y)
+        log_p = y.div_(head.temperature).sub_(lse.unsqueeze(-1))  # y now holds log p
         p = torch.exp(log_p)
-        grad = torch.zeros_like(z)
-        if grad_logp is not None:
-            grad -= grad_logp.unsqueeze(-1) * p
-            grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1))
         if grad_entropy is not None:
-            grad -= grad_entropy.unsqueeze(-1) * p * (log_p + entropy.unsqueeze(-1))
-        grad /= head.temperature
-        if head.softcap is not None:
-            grad *= 1 - t * t
-        grad *= head.logit_scale
-        y.copy_(grad)
-        return y
+            # dH/dz_j = -p_j (log p_j + H)
+            log_p.add_(entropy.unsqueeze(-1)).mul_(p).mul_(-grad_entropy.unsqueeze(-1))
+        else:
+            log_p.zero_()
+        if grad_logp is not None:
+            # dlogp_target/dz_j = 1[j = target] - p_j
+            log_p.sub_(p.mul_(grad_logp.unsqueeze(-1)))
+            log_p.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1))
+        grad = log_p
+        grad.mul_(1.0 / head.temperature)
+        if t is not None:
+            grad.mul_(t.square_().neg_().add_(1.0))  # d softcap / dx = 1 - tanh^2
+        return grad.mul_(head.logit_scale)
