@@ -100,8 +100,9 @@ def test_backend_matches_float64_reference(backend, dtype, tol, objective, shape
     out, grads = _run(problem, dtype, backend, **cfg, workspace_bytes=workspace)
 
     assert out.loss.dtype == torch.float32
-    # The loss sums terms of both signs (advantages): measure it against their scale, not the cancelled total
-    assert rel_err(out.loss, ref.loss, floor=1e-2) < tol, (out.loss, ref.loss)
+    # The loss sums terms of both signs (advantages, entropy bonus) of order 0.1-1: measure it against that scale,
+    # not against a total that may cancel to ~0
+    assert rel_err(out.loss, ref.loss, floor=0.1) < tol, (out.loss, ref.loss)
     for got, want in zip(grads, ref_grads, strict=True):
         assert got.dtype == dtype
         assert rel_err(got, want) < tol
