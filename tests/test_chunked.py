@@ -77,8 +77,9 @@ def test_single_pass_gradient_is_scaled_by_the_incoming_gradient():
 
 _MEASURE = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     from fused_gspo import fused_policy_loss
+    from fused_gspo.bench import ProcessMemory
     backend, B, T, H, V = sys.argv[1], *map(int, sys.argv[2:6])
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(B, T, H, generator=g).requires_grad_()
@@ -86,32 +87,31 @@ _MEASURE = textwrap.dedent(
     ids = torch.randint(0, V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
     adv = torch.randn(B, generator=g)
-    # warm every code path once at a tiny size, so the baseline high-water mark includes the libraries' own buffers
-    small = fused_policy_loss(hidden[:1, :2], weight[:5], ids[:1, :2] % 5, adv[:1], mask[:1, :2], backend=backend,
-                              loss_type="grpo", importance_sampling_level="sequence", workspace_bytes=4 << 20)
-    small.loss.backward()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = fused_policy_loss(hidden, weight, ids, adv, mask, backend=backend, loss_type="grpo",
-                            importance_sampling_level="sequence", workspace_bytes=4 << 20)
-    out.loss.backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_kib": after - before}))
+
+    def step():
+        out = fused_policy_loss(hidden, weight, ids, adv, mask, backend=backend, loss_type="grpo",
+                                importance_sampling_level="sequence", workspace_bytes=4 << 20)
+        out.loss.backward()
+        hidden.grad = weight.grad = None
+
+    step()  # warm every code path once
+    probe = ProcessMemory.create()
+    assert isinstance(probe, ProcessMemory), probe.method
+    print(json.dumps({"peak_kib": probe.peak_mib(step) * 1024}))
     """
 )
 
 
-def _peak_kib(backend: str, B: int, T: int, H: int, V: int) -> int:
+def _peak_kib(backend: str, B: int, T: int, H: int, V: int) -> float:
+    """Peak resident memory of one forward + backward above what was resident before it, in a fresh process."""
     result = subprocess.run(
         [sys.executable, "-c", _MEASURE, backend, str(B), str(T), str(H), str(V)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_kib"]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak-RSS counter is Linux's /proc")
 def test_torch_backend_peak_is_flat_while_eager_grows_with_n_times_v():
     """Process high-water mark above the inputs, N * V growing 8x: the torch backend's stays within its 4 MiB
     workspace (plus O(N + V*H) buffers); the eager backend's grows with the logits (N * V * 4 bytes, several copies)."""

@@ -10,14 +10,7 @@ from torch import nn
 from .chunked import SinglePassPolicyFunction, logprobs, stats_dtype_for, tokens_per_chunk
 from .config import PolicyLossConfig
 from .head import HeadParams, TorchTileOps, full_logprobs
-from .objectives import (
-    Normalizers,
-    PolicyBatch,
-    gradient_coupling,
-    high_entropy_mask,
-    policy_metrics,
-    policy_objective,
-)
+from .objectives import Normalizers, PolicyBatch, evaluate, gradient_coupling, policy_metrics, policy_objective
 from .validation import validate_logprob_inputs, validate_policy_inputs
 
 BACKENDS = ("auto", "eager", "torch", "triton")
@@ -271,14 +264,7 @@ def _single_pass_bounds(cfg, batch, valid, vocab, stats_dtype, ops):
 
 
 def _finish(logps, entropy, batch, cfg, num_items_in_batch, hooks) -> PolicyLossOutput:
-    hooks = dict(hooks)
-    gather_values = hooks.pop("gather_values", None)
-    entropy_mask = None
-    if cfg.top_entropy_quantile < 1.0:
-        entropy_mask = high_entropy_mask(entropy.detach(), batch.mask, 1 - cfg.top_entropy_quantile, gather_values)
-    norms = Normalizers.of(batch, cfg, num_items_in_batch, entropy_mask)
-    terms = policy_objective(logps, entropy, batch, cfg, norms, entropy_mask)
-    metrics = policy_metrics(terms, entropy.detach(), batch, cfg, **hooks)
+    terms, metrics, entropy_mask = evaluate(logps, entropy, batch, cfg, num_items_in_batch, **hooks)
     return PolicyLossOutput(
         terms.loss, metrics, logps.detach().float(), entropy.detach().float(), terms.policy_loss.detach(), entropy_mask
     )

@@ -370,6 +370,28 @@ def policy_metrics(
     return metrics
 
 
+def evaluate(
+    logps: torch.Tensor,
+    entropy: torch.Tensor,
+    batch: PolicyBatch,
+    config: PolicyLossConfig,
+    num_items_in_batch=None,
+    reduce_sum=_identity,
+    gather=_identity,
+    gather_values=None,
+) -> tuple[ObjectiveTerms, dict[str, float], torch.Tensor | None]:
+    """The whole epilogue on ``[B, T]`` log-probs and entropies: the entropy quantile mask (when
+    ``top_entropy_quantile < 1``), the normalizers, the objective and TRL's metrics. Returns the terms (``.loss`` is
+    differentiable in ``logps`` and ``entropy``), the metrics and the entropy mask."""
+    entropy_mask = None
+    if config.top_entropy_quantile < 1.0:
+        entropy_mask = high_entropy_mask(entropy.detach(), batch.mask, 1 - config.top_entropy_quantile, gather_values)
+    norms = Normalizers.of(batch, config, num_items_in_batch, entropy_mask)
+    terms = policy_objective(logps, entropy, batch, config, norms, entropy_mask)
+    metrics = policy_metrics(terms, entropy.detach(), batch, config, reduce_sum, gather)
+    return terms, metrics, entropy_mask
+
+
 def gradient_coupling(config: PolicyLossConfig, batch: PolicyBatch) -> str:
     """How far ``dL/dlogp_t`` reaches, which decides how a chunked backend may split the tokens.
 
