@@ -48,8 +48,7 @@ def triton_tile_ops(required: bool):
     except ImportError as exc:
         if required:
             raise RuntimeError(
-                "backend='triton' is not available: the Triton kernels are not implemented in this version of "
-                f"fused_gspo or Triton is missing ({exc}). Use backend='torch'."
+                f"backend='triton' is not available: Triton cannot be imported here ({exc}). Use backend='torch'."
             ) from exc
         return None
     return TritonTileOps
@@ -174,12 +173,9 @@ def policy_loss(
     hooks = {k: v for k, v in (("reduce_sum", reduce_sum), ("gather", gather)) if v is not None}
     if gather_values is not None:
         hooks["gather_values"] = gather_values
-    rows, cols = valid.nonzero(as_tuple=True)
-    x = hidden if hidden.dim() == 2 else hidden[rows, cols]
-    targets = completion_ids[rows, cols].long()
-
-    def scatter(values: torch.Tensor) -> torch.Tensor:
-        return values.new_zeros(valid.shape).index_put((rows, cols), values)
+    tokens = _Tokens(valid)
+    x = hidden if hidden.dim() == 2 else hidden[tokens.rows, tokens.cols]
+    targets = completion_ids[tokens.rows, tokens.cols].long()
 
     if backend == "eager":
         if hidden.dim() == 3:  # the eager contender projects every position, as a plain LM head would
@@ -187,29 +183,51 @@ def policy_loss(
             zero = logp.new_zeros(())
             logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
         else:
-            logp, entropy = (scatter(v) for v in full_logprobs(x, weight, bias, targets, head))
+            logp, entropy = (tokens.scatter(v) for v in full_logprobs(x, weight, bias, targets, head))
         return _finish(logp, entropy, batch, cfg, num_items_in_batch, hooks)
 
     ops = _tile_ops(backend)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     bounds = _single_pass_bounds(cfg, batch, valid, weight.shape[0], stats_dtype, ops) if wants_grad else None
-    if bounds is None:
+    if bounds is None:  # two phases: score every token, then the objective; autograd recomputes for the gradient
         logp, entropy = logprobs(x, weight, bias, targets, head, ops, cfg.workspace_bytes)
-        return _finish(scatter(logp), scatter(entropy), batch, cfg, num_items_in_batch, hooks)
+        return _finish(tokens.scatter(logp), tokens.scatter(entropy), batch, cfg, num_items_in_batch, hooks)
+    hooks.pop("gather_values", None)  # a single pass never masks by the entropy quantile
+    return _single_pass(tokens, x, weight, bias, targets, head, ops, bounds, batch, cfg, num_items_in_batch, hooks)
 
-    norms = Normalizers.of(batch, cfg, num_items_in_batch)
-    row_list = rows.tolist()
-    # Values the objective reads at positions a chunk has not scored: the old log-probs make those ratios 1
-    placeholder = torch.zeros(valid.shape, device=hidden.device, dtype=stats_dtype)
+
+class _Tokens:
+    """The valid tokens' positions, in the row-major order of ``completion_mask`` (the order of packed hidden)."""
+
+    def __init__(self, valid: torch.Tensor):
+        self.valid = valid
+        self.rows, self.cols = valid.nonzero(as_tuple=True)
+        self.row_list = self.rows.tolist()
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """``[N]`` per-token values to ``[B, T]``, zeros at masked positions."""
+        return values.new_zeros(self.valid.shape).index_put((self.rows, self.cols), values)
+
+
+def _single_pass(tokens, x, weight, bias, targets, head, ops, bounds, batch, cfg, num_items, hooks):
+    """The loss with its gradient formed chunk by chunk while each chunk's logits are at hand (``6NHV``).
+
+    For a chunk of tokens ``[start, stop)``, the objective is evaluated on the rows the chunk touches, with the chunk's
+    log-probs as leaves; its gradient w.r.t. them is exact because the bounds only cut where ``dL/dlogp`` does not
+    reach across (:func:`fused_gspo.objectives.gradient_coupling`). Positions of those rows the chunk does not hold
+    read a placeholder: the old log-probs (ratio 1) or 0, as TRL has at masked positions.
+    """
+    norms = Normalizers.of(batch, cfg, num_items)
+    placeholder = torch.zeros(tokens.valid.shape, device=x.device, dtype=batch.mask.dtype)
     if batch.old_logps is not None and batch.old_logps.dim() == 2:
-        placeholder = torch.where(valid, batch.old_logps, placeholder)
+        placeholder = torch.where(tokens.valid, batch.old_logps, placeholder)
     entropy_base = torch.zeros_like(placeholder)
     wants_entropy_grad = cfg.entropy_coef != 0.0
     done = {}
 
     def chunk_grad(start: int, stop: int, logp_c: torch.Tensor, entropy_c: torch.Tensor):
-        r0, r1 = row_list[start], row_list[stop - 1] + 1
-        idx = (rows[start:stop] - r0, cols[start:stop])
+        r0, r1 = tokens.row_list[start], tokens.row_list[stop - 1] + 1
+        idx = (tokens.rows[start:stop] - r0, tokens.cols[start:stop])
         with torch.enable_grad():
             logp_leaf = logp_c.detach().requires_grad_()
             entropy_leaf = entropy_c.detach().requires_grad_(wants_entropy_grad)
@@ -226,7 +244,7 @@ def policy_loss(
         return grad_logp, (grads[1] if wants_entropy_grad else None)
 
     def finish(logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-        done["logps"], done["entropy"] = scatter(logp), scatter(entropy)
+        done["logps"], done["entropy"] = tokens.scatter(logp), tokens.scatter(entropy)
         done["terms"] = policy_objective(done["logps"], done["entropy"], batch, cfg, norms)
         return done["terms"].loss.detach()
 
@@ -234,7 +252,6 @@ def policy_loss(
         x, weight, bias, targets, head, ops, cfg.workspace_bytes, bounds, chunk_grad, finish
     )
     terms = done["terms"]
-    hooks.pop("gather_values", None)  # the single pass never masks by entropy quantile
     metrics = policy_metrics(terms, done["entropy"], batch, cfg, **hooks)
     return PolicyLossOutput(loss, metrics, done["logps"].float(), done["entropy"].float(), terms.policy_loss.detach())
 
