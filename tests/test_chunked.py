@@ -125,3 +125,31 @@ def test_torch_backend_peak_is_flat_while_eager_grows_with_n_times_v():
     assert torch_large < logits_large_kib / 2, (torch_large, logits_large_kib)
     assert eager_large > logits_large_kib, (eager_large, logits_large_kib)
     assert eager_large - eager_small > 4 * (torch_large - torch_small) + 32 * 1024
+
+
+def test_recomputing_backward_reenters_the_weight_gather():
+    """Sharded setups (ZeRO-3) release the head after the forward: the backward must gather it again."""
+    import contextlib
+
+    from fused_gspo.chunked import weight_gather
+
+    events = []
+
+    @contextlib.contextmanager
+    def gather(weight, bias):
+        events.append(("enter", tuple(weight.shape)))
+        yield
+        events.append(("exit", tuple(weight.shape)))
+
+    hidden = torch.randn(4, 3, requires_grad=True)
+    weight = torch.randn(7, 3, requires_grad=True)
+    token = weight_gather.set(gather)
+    try:
+        logp, entropy = LogProbFunction.apply(hidden, weight, None, torch.tensor([0, 6, 2, 3]), HeadParams(),
+                                              TorchTileOps, 1 << 20)  # fmt: skip
+    finally:
+        weight_gather.reset(token)
+    assert events == []  # the forward runs inside the caller's own gather
+    (logp.sum() + entropy.sum()).backward()
+    assert events == [("enter", (7, 3)), ("exit", (7, 3))]
+    assert hidden.grad is not None and weight.grad is not None

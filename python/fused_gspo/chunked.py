@@ -17,11 +17,18 @@ Two strategies (DESIGN.md section 3):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import torch
 
 from .head import HeadParams
+
+# A context manager factory ``gather(weight, bias)`` that the recomputing backward re-enters to get the head's full
+# weight back, for training setups that release it after the forward (the TRL adapter sets TRL's ZeRO-3 gather).
+# None: the weight stays materialized, nothing to do.
+weight_gather: contextvars.ContextVar = contextvars.ContextVar("fused_gspo_weight_gather", default=None)
 
 ChunkGrad = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]
 
@@ -129,6 +136,7 @@ class LogProbFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, head: HeadParams, ops, workspace_bytes: int):
         ctx.set_materialize_grads(False)
         ctx.head, ctx.ops, ctx.workspace_bytes = head, ops, workspace_bytes
+        ctx.gather = weight_gather.get()
         chunks = _Chunks(hidden, weight, bias, ops, head, workspace_bytes)
         # NaN-filled, so a token no chunk scored can never pass for a result
         logp = _poisoned(hidden.shape[0], hidden.device, chunks.stats_dtype)
@@ -145,21 +153,22 @@ class LogProbFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None, None
         needs = ctx.needs_input_grad[:3]
-        chunks = _Chunks(hidden, weight, bias, ctx.ops, ctx.head, ctx.workspace_bytes)
-        acc = _GradAccumulators(hidden, weight, bias, needs, chunks.operand_dtype)
-        for start, stop in chunks.bounds:
-            tile = chunks.project(start, stop)
-            grad_y = ctx.ops.backward_(
-                tile,
-                targets[start:stop],
-                lse[start:stop],
-                entropy[start:stop],
-                None if grad_logp is None else grad_logp[start:stop].to(tile.dtype),
-                None if grad_entropy is None else grad_entropy[start:stop].to(tile.dtype),
-                ctx.head,
-            )
-            acc.add(start, stop, grad_y)
-        dx, dw, db = acc.results(bias)
+        with ctx.gather(weight, bias) if ctx.gather is not None else contextlib.nullcontext():
+            chunks = _Chunks(hidden, weight, bias, ctx.ops, ctx.head, ctx.workspace_bytes)
+            acc = _GradAccumulators(hidden, weight, bias, needs, chunks.operand_dtype)
+            for start, stop in chunks.bounds:
+                tile = chunks.project(start, stop)
+                grad_y = ctx.ops.backward_(
+                    tile,
+                    targets[start:stop],
+                    lse[start:stop],
+                    entropy[start:stop],
+                    None if grad_logp is None else grad_logp[start:stop].to(tile.dtype),
+                    None if grad_entropy is None else grad_entropy[start:stop].to(tile.dtype),
+                    ctx.head,
+                )
+                acc.add(start, stop, grad_y)
+            dx, dw, db = acc.results(bias)
         return dx, dw, db, None, None, None, None
 
 

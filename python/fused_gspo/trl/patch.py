@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from ..api import fused_logprobs, policy_loss
+from ..chunked import weight_gather
 from ..config import PolicyLossConfig
 
 FLAG = "use_fused_gspo_loss"
@@ -85,7 +86,11 @@ def _flag_on(trainer) -> bool:
 
 
 class _ChunkedLogProbStandIn:
-    """Where TRL calls ``ChunkedLogProbFunction.apply``: ours while a request is active, TRL's otherwise."""
+    """Where TRL calls ``ChunkedLogProbFunction.apply``: ours while a request is active, TRL's otherwise.
+
+    TRL calls it with the head gathered (ZeRO-3) for the forward; a backward that recomputes the projection re-enters
+    TRL's same gather (``maybe_gather_lm_head_ctx``), as TRL's own backward does.
+    """
 
     def __init__(self, original):
         self.original = original
@@ -96,7 +101,13 @@ class _ChunkedLogProbStandIn:
             return self.original.apply(
                 hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, *rest
             )
-        return request(hidden, weight, bias, targets, float(temperature), softcap, float(logit_scale))
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        token = weight_gather.set(maybe_gather_lm_head_ctx)
+        try:
+            return request(hidden, weight, bias, targets, float(temperature), softcap, float(logit_scale))
+        finally:
+            weight_gather.reset(token)
 
 
 class _LogProbRequest:
