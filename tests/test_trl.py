@@ -193,6 +193,7 @@ GRPO_CASES = {
     "dr_grpo": dict(loss_type="dr_grpo"),
     "unsloth_gspo": dict(loss_type="dr_grpo", importance_sampling_level="sequence"),
     "beta_kl": dict(loss_type="bnpo", beta=0.05),
+    "accumulation": dict(loss_type="dapo", gradient_accumulation_steps=2, steps_per_generation=4),
     "off_policy_entropy": dict(
         loss_type="grpo",
         steps_per_generation=2,
