@@ -362,7 +362,7 @@ def test_gspo_token_with_sequence_advantages_trains_like_gspo(tokenizer, model_p
               importance_sampling_level="sequence_token", **kwargs)  # fmt: skip
 
 
-class PerTokenAdvantageGRPOTrainer(trl.GRPOTrainer if trl else object):
+class PerTokenAdvantageGRPOTrainer(trl.GRPOTrainer):
     """A GRPO subclass with per-token advantages ``[B, T]``: later tokens get more credit."""
 
     def _generate_and_score_completions(self, inputs):
