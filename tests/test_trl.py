@@ -551,11 +551,21 @@ COMPUTE_LOSS_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(COMPUTE_LOSS_CASES))
-def test_compute_loss_matches_trl_on_the_same_inputs(tokenizer, model_path, fused_calls, case):
+@pytest.mark.parametrize(
+    "case,packed",
+    [(case, False) for case in COMPUTE_LOSS_CASES]
+    + [("tool_mask_entropy_quantile", True), ("vllm_token_ratio", True), ("off_policy_mask", True)],
+)
+def test_compute_loss_matches_trl_on_the_same_inputs(tokenizer, model_path, fused_calls, monkeypatch, case, packed):
     """One ``_compute_loss`` call, TRL's and ours, on the same crafted inputs: loss, gradients, metrics and the
     entropy controller's state agree. Covers what a CPU run cannot produce: vLLM ratios, tool masks, accumulation
-    and eval normalizers."""
+    and eval normalizers. ``packed``: TRL's forward hands over only the completion tokens' hidden states, as it does
+    on Triton devices (here forced on CPU for the fused run)."""
+    import trl.trainer.utils as trl_utils
+
+    import fused_gspo.trl.patch as adapter
+
+    handed = []
     config_kwargs, options = COMPUTE_LOSS_CASES[case]
     args = trl.GRPOConfig(
         output_dir="/tmp/fused-gspo-compute-loss", use_cpu=True, bf16=False, report_to=[],
@@ -578,6 +588,15 @@ def test_compute_loss_matches_trl_on_the_same_inputs(tokenizer, model_path, fuse
 
     def run(flag):
         trainer.args.use_fused_gspo_loss = flag
+        if flag and packed:
+            monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
+            original_call = adapter._LossRequest.__call__
+
+            def recording_call(request, hidden, *args):
+                handed.append(hidden.shape[0])
+                return original_call(request, hidden, *args)
+
+            monkeypatch.setattr(adapter._LossRequest, "__call__", recording_call)
         trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         state = (trainer.entropy_coef, trainer._last_world_entropy, trainer._entropy_window_stats)
         trainer.model.zero_grad()
@@ -592,6 +611,8 @@ def test_compute_loss_matches_trl_on_the_same_inputs(tokenizer, model_path, fuse
     assert fused_calls["loss"] == 0
     loss_on, grads_on, metrics_on, state_on = run(True)
     assert fused_calls["loss"] == 1
+    if packed:  # TRL's forward handed over the completion tokens only
+        assert handed == [int(inputs["completion_mask"].sum())]
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-7)
     assert grads_on.keys() == grads_off.keys() and grads_on
     for name, grad in grads_off.items():
