@@ -153,3 +153,12 @@ def test_recomputing_backward_reenters_the_weight_gather():
     (logp.sum() + entropy.sum()).backward()
     assert events == [("enter", (7, 3)), ("exit", (7, 3))]
     assert hidden.grad is not None and weight.grad is not None
+
+
+def test_chunks_count_the_cast_gradient_when_operands_are_half_precision():
+    """On CUDA the logits gradient is cast to bf16/fp16 for the GEMMs: that copy is part of the workspace."""
+    vocab, budget = 1000, 1_000_000
+    fp32_only = tokens_per_chunk(vocab, torch.float32, budget, 0)
+    with_cast = tokens_per_chunk(vocab, torch.float32, budget, 0, torch.bfloat16)
+    assert fp32_only == budget // (vocab * 4) and with_cast == budget // (vocab * 6)
+    assert tokens_per_chunk(vocab, torch.float32, budget, 0, torch.float32) == fp32_only

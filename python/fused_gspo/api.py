@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .chunked import SinglePassPolicyFunction, logprobs, stats_dtype_for, tokens_per_chunk
+from .chunked import SinglePassPolicyFunction, chunk_tokens, logprobs, stats_dtype_for
 from .config import PolicyLossConfig
 from .head import HeadParams, TorchTileOps, full_logprobs
 from .objectives import Normalizers, PolicyBatch, evaluate, gradient_coupling, policy_metrics, policy_objective
@@ -188,7 +188,9 @@ def policy_loss(
 
     ops = _tile_ops(backend)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    bounds = _single_pass_bounds(cfg, batch, valid, weight.shape[0], stats_dtype, ops) if wants_grad else None
+    bounds = None
+    if wants_grad:
+        bounds = _single_pass_bounds(cfg, batch, valid, chunk_tokens(x, weight, cfg.workspace_bytes, ops.temporaries))
     if bounds is None:  # two phases: score every token, then the objective; autograd recomputes for the gradient
         logp, entropy = logprobs(x, weight, bias, targets, head, ops, cfg.workspace_bytes)
         return _finish(tokens.scatter(logp), tokens.scatter(entropy), batch, cfg, num_items_in_batch, hooks)
@@ -256,13 +258,13 @@ def _single_pass(tokens, x, weight, bias, targets, head, ops, bounds, batch, cfg
     return PolicyLossOutput(loss, metrics, done["logps"].float(), done["entropy"].float(), terms.policy_loss.detach())
 
 
-def _single_pass_bounds(cfg, batch, valid, vocab, stats_dtype, ops):
-    """Token ranges for the single-pass strategy, or None when the objective needs two phases."""
+def _single_pass_bounds(cfg, batch, valid, step: int):
+    """Token ranges of at most ``step`` tokens for the single-pass strategy, or None when the objective needs two
+    phases."""
     coupling = gradient_coupling(cfg, batch)
     if coupling == "global":
         return None
     n_tokens = int(valid.sum())
-    step = tokens_per_chunk(vocab, stats_dtype, cfg.workspace_bytes, ops.temporaries)
     if coupling == "token":
         return [(s, min(s + step, n_tokens)) for s in range(0, n_tokens, step)]
     # "sequence": cut only between rows; a row longer than the workspace forces two phases

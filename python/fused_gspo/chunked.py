@@ -37,10 +37,27 @@ def stats_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def tokens_per_chunk(vocab: int, stats_dtype: torch.dtype, workspace_bytes: int, temporaries: int) -> int:
-    """How many tokens' full-vocabulary logits (plus the tile ops' temporaries) fit in ``workspace_bytes``."""
+def tokens_per_chunk(
+    vocab: int,
+    stats_dtype: torch.dtype,
+    workspace_bytes: int,
+    temporaries: int,
+    operand_dtype: torch.dtype | None = None,
+) -> int:
+    """How many tokens fit in ``workspace_bytes``: their full-vocabulary logits in the stats dtype, the tile ops'
+    temporaries, and the logits gradient cast to the GEMM operand dtype when that differs (bf16/fp16 on CUDA)."""
     per_token = vocab * torch.finfo(stats_dtype).bits // 8 * (1 + temporaries)
+    if operand_dtype is not None and operand_dtype != stats_dtype:
+        per_token += vocab * torch.finfo(operand_dtype).bits // 8
     return max(1, workspace_bytes // per_token)
+
+
+def chunk_tokens(hidden: torch.Tensor, weight: torch.Tensor, workspace_bytes: int, temporaries: int) -> int:
+    """:func:`tokens_per_chunk` for these inputs: the one place the chunked driver and the planner size chunks."""
+    compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    stats_dtype = stats_dtype_for(compute_dtype)
+    operand_dtype = _projection_dtype(compute_dtype, stats_dtype, hidden.device)
+    return tokens_per_chunk(weight.shape[0], stats_dtype, workspace_bytes, temporaries, operand_dtype)
 
 
 def _projection_dtype(compute_dtype: torch.dtype, stats_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -80,7 +97,7 @@ class _Chunks:
         self.stats_dtype = stats_dtype_for(self.compute_dtype)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         if bounds is None:
-            step = tokens_per_chunk(vocab, self.stats_dtype, workspace_bytes, ops.temporaries)
+            step = chunk_tokens(hidden, weight, workspace_bytes, ops.temporaries)
             bounds = [(s, min(s + step, n_tokens)) for s in range(0, n_tokens, step)]
         self.bounds = bounds
         widest = max((stop - start for start, stop in bounds), default=0)
