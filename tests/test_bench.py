@@ -129,6 +129,9 @@ def test_sweep_and_plot(tmp_path, capsys):
         (["--loss-type", "gmpo", "--level", "sequence"], "importance_sampling_level"),
         (["--sweep-tokens", "64,x"], "comma-separated integers"),
         (["--valid-frac", "0"], "--valid-frac"),
+        (["--tokens", "0"], "--tokens must be >= 1"),
+        (["--model", "qwen3-8b", "--hidden", "0"], "--hidden must be >= 1"),
+        (["--vocab", "0"], "--vocab must be >= 1"),
     ],
 )
 def test_bad_argument_exits_with_a_message(argv, message, capsys):

@@ -923,10 +923,11 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
     model_name = args.model or defaults.get("model")
     model = MODELS.get(model_name) if model_name else None
-    hidden = args.hidden or (model.hidden if model else defaults["hidden"])
-    vocab = args.vocab or (model.vocab if model else defaults["vocab"])
+    # `is None`, not `or`: an explicit 0 must reach the checks below, not fall back to a default
+    hidden = args.hidden if args.hidden is not None else (model.hidden if model else defaults["hidden"])
+    vocab = args.vocab if args.vocab is not None else (model.vocab if model else defaults["vocab"])
     softcap = args.softcap if args.softcap is not None else (model.softcap if model else None)
-    token_counts = args.sweep_tokens or [args.tokens or defaults["tokens"]]
+    token_counts = args.sweep_tokens or [args.tokens if args.tokens is not None else defaults["tokens"]]
     repeats = defaults["repeats"] if args.repeats is None else args.repeats
     warmup = defaults["warmup"] if args.warmup is None else args.warmup
     for name, value in (
