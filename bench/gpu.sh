@@ -8,6 +8,8 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 
 declare -A CONFIGS=(
+  # The planner's prediction for the default shape on this GPU (nothing runs; every benchmark JSON records it too)
+  [explain-qwen3-8b]="--explain"
   # GSPO (grpo loss, sequence level) on the qwen3-8b head at 8192 tokens, bf16: the CLI's default
   [gspo-qwen3-8b]=""
   # DAPO (token level) at the same shape
@@ -17,12 +19,12 @@ declare -A CONFIGS=(
   [dapo-qwen3-0.6b]="--model qwen3-0.6b --loss-type dapo --level token --epsilon-high 0.28"
   # Token-level DAPO with a KL term on the llama3-8b head
   [dapo-kl-llama3-8b]="--model llama3-8b --loss-type dapo --level token --beta 0.04"
-  # 256k vocabulary with logit softcapping (Liger has no softcapping: reported unsupported)
+  # 256k vocabulary with logit softcapping (Liger and torch_lce have no softcapping: reported unsupported)
   [gspo-gemma2-2b]="--model gemma2-2b"
   # GSPO at the qwen3-8b head across token counts, forward+backward: time and peak memory per contender
   [sweep]="--sweep-tokens 1024,2048,4096,8192,16384,32768,65536 --modes fwd_bwd --plot $OUT/bench-sweep.png"
 )
-ORDER=(gspo-qwen3-8b dapo-qwen3-8b gspo-qwen3-0.6b dapo-qwen3-0.6b dapo-kl-llama3-8b gspo-gemma2-2b sweep)
+ORDER=(explain-qwen3-8b gspo-qwen3-8b dapo-qwen3-8b gspo-qwen3-0.6b dapo-qwen3-0.6b dapo-kl-llama3-8b gspo-gemma2-2b sweep)
 
 status=0
 for name in "${@:-${ORDER[@]}}"; do

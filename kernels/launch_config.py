@@ -32,7 +32,8 @@ LAUNCH_CONFIGS = {
         # one row x BLOCK_V logits per iteration
         "logits_grad": {"BLOCK_V": 2048, "num_warps": 8},
         # BLOCK_N tokens x BLOCK_V vocabulary entries, BLOCK_H of the hidden size per tl.dot (bf16/fp16 operands;
-        # sm_90 offline compile: 255 registers, no spills, 96 KiB shared memory)
+        # sm_90 offline compile of the unit-stride variant contiguous inputs run: 202 registers, no spills, 96 KiB
+        # shared memory)
         "linear_logprob": {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
         # fp32 operands (3xTF32 dots): twice the shared memory per element (sm_90: 194 registers, 64 KiB)
         "linear_logprob_fp32": {"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
@@ -43,7 +44,9 @@ LAUNCH_CONFIGS = {
     "interpreter": {
         "logsumexp_stats": {"BLOCK_V": 4096, "num_warps": 1},
         "merge_stats": {"BLOCK_R": 256, "num_warps": 1},
-        "logits_grad": {"BLOCK_V": 4096, "num_warps": 1},
+        # software_bf16_rounding: the interpreter's fp32 -> bf16 conversion truncates (Triton 3.9); a GPU rounds to
+        # nearest even, which the kernel then does in integer arithmetic
+        "logits_grad": {"BLOCK_V": 4096, "num_warps": 1, "software_bf16_rounding": True},
         # bf16_dot_in_fp32: the interpreter's tl.dot multiplies bf16 operands' raw bits (Triton 3.9)
         "linear_logprob": {
             "BLOCK_N": 64,

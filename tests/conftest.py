@@ -115,9 +115,99 @@ def cast_problem(problem: dict, dtype: torch.dtype, requires_grad: bool = True, 
     return out
 
 
+def run_policy_loss(problem: dict, dtype: torch.dtype, backend: str, **cfg):
+    """``fused_policy_loss`` on ``problem`` in ``dtype``: its output and the gradients w.r.t. hidden, weight (and
+    bias), brought back to the CPU for comparison."""
+    from fused_gspo import fused_policy_loss
+
+    inputs = cast_problem(problem, dtype, device=backend_device(backend))
+    out = fused_policy_loss(**inputs, backend=backend, **cfg)
+    leaves = [inputs[k] for k in ("hidden", "weight", "bias") if k in inputs]
+    grads = torch.autograd.grad(out.loss, leaves)
+    out.loss, out.logps, out.entropy = out.loss.cpu(), out.logps.cpu(), out.entropy.cpu()
+    return out, [g.cpu() for g in grads]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6) -> float:
     """||out - ref|| / max(||ref||, floor), in float64; NaN anywhere gives inf."""
     out, ref = out.detach().double(), ref.detach().double()
     if not torch.isfinite(out).all():
         return float("inf")
     return float((out - ref).norm() / max(float(ref.norm()), floor))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared by the Triton kernel tests (tests/test_kernels_*.py) and the Triton tile ops' tests (tests/test_triton_ops.py)
+
+import math  # noqa: E402
+
+from hypothesis import strategies as st  # noqa: E402
+
+from fused_gspo.head import HeadParams  # noqa: E402
+
+# every head transform: identity, temperature only, logit scale only, a small softcap (most logits saturated) with all
+# three folded together, and a realistic softcap (Gemma's 30: nothing saturates at these spreads)
+HEADS = [
+    HeadParams(),
+    HeadParams(temperature=0.7),
+    HeadParams(logit_scale=1.7),
+    HeadParams(temperature=1.3, logit_scale=0.6, softcap=2.5),
+    HeadParams(temperature=0.9, softcap=30.0),
+]
+HEAD_IDS = ["plain", "temperature", "logit_scale", "softcap_small", "softcap_30"]
+
+# tile shapes for hypothesis: 1 to 12 rows; a one-entry vocabulary or up to 700 entries (rows spanning several blocks
+# with a small BLOCK_V); logits spread from flat (0.5) to peaked (12: entropy << |lse|)
+tile_shapes = dict(
+    n=st.integers(1, 12),
+    vocab=st.one_of(st.just(1), st.integers(2, 700)),
+    seed=st.integers(0, 2**31 - 1),
+    spread=st.sampled_from([0.5, 3.0, 12.0]),
+)
+
+
+@pytest.fixture(scope="module")
+def poison_buffers():
+    """Buffers the kernels must fill are created NaN-filled (``launch_config.POISON_BUFFERS``) for the module, so an
+    element left unwritten fails. Opt in with ``pytestmark = pytest.mark.usefixtures("poison_buffers")``."""
+    from fused_gspo.kernels import launch_config  # noqa: PLC0415  (imports triton: after TRITON_INTERPRET is set)
+
+    previous = launch_config.POISON_BUFFERS
+    launch_config.POISON_BUFFERS = True
+    yield
+    launch_config.POISON_BUFFERS = previous
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, what: str, atol: float = 1e-7) -> None:
+    """``||out - ref|| <= rtol * ||ref|| + atol * sqrt(numel)`` (the floor for an all-zero reference); NaN fails."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out64 = out.detach().double().cpu()
+    ref64 = ref.detach().double().cpu()
+    assert torch.isfinite(out64).all(), f"{what}: non-finite values (unwritten or NaN)"
+    err = (out64 - ref64).norm().item()
+    bound = rtol * ref64.norm().item() + atol * math.sqrt(max(ref64.numel(), 1))
+    assert err <= bound, f"{what}: ||out - ref|| = {err:.3e} > {bound:.3e} (||ref|| = {ref64.norm().item():.3e})"
+
+
+def projection(n: int, vocab: int, seed: int, spread: float, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A nonzero float32 ``[n, V]`` projection on :data:`DEVICE` (a view with row stride ``V + pad``, the padding
+    filled with 123.0) and targets hitting both ends of the vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, vocab, generator=gen, dtype=torch.float64) * spread
+    y = torch.where(y == 0, torch.full_like(y, 0.25), y).float()
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    targets[-1] = vocab - 1
+    targets[0] = 0 if n > 1 else targets[0]
+    buffer = torch.full((n, vocab + pad), 123.0, device=DEVICE)
+    view = buffer[:, :vocab]
+    view.copy_(y)
+    return view, targets.to(DEVICE)
+
+
+def row_grads(n: int, seed: int, present: bool) -> torch.Tensor | None:
+    """A nonzero float32 ``[n]`` upstream gradient on :data:`DEVICE`, or None (``present=False``: no such term)."""
+    if not present:
+        return None
+    gen = torch.Generator().manual_seed(seed + 1)
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    return torch.where(g == 0, torch.full_like(g, 0.5), g).float().to(DEVICE)

@@ -9,49 +9,83 @@ import pytest
 import torch
 from conftest import draw_problem, rel_err
 
-from fused_gspo.chunked import LogProbFunction, SinglePassPolicyFunction, tokens_per_chunk
+from fused_gspo.chunked import ChunkedHead, LogProbFunction, SinglePassFunction, _GradAccumulators, _Workspace
 from fused_gspo.head import HeadParams, TorchTileOps
 
 
-def test_tokens_per_chunk_fits_the_workspace():
-    vocab = 151_936
-    n = tokens_per_chunk(vocab, torch.float32, 512 * 2**20, TorchTileOps.temporaries)
-    assert n * vocab * 4 * (1 + TorchTileOps.temporaries) <= 512 * 2**20
-    assert (n + 1) * vocab * 4 * (1 + TorchTileOps.temporaries) > 512 * 2**20
-    assert tokens_per_chunk(vocab, torch.float32, 1, 0) == 1  # always makes progress
+class SumObjective:
+    """The smallest :class:`fused_gspo.chunked.ChunkObjective`: L = sum of log-probs (dL/dlogp = 1)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def grad(self, start, stop, logp, entropy):
+        self.seen.append((start, stop))
+        return torch.ones_like(logp), None
+
+    def finish(self, logp, entropy):
+        self.total = logp.sum()
+        return self.total.detach()
 
 
-def test_unscored_tokens_stay_nan(monkeypatch):
-    """Outputs start poisoned: if the driver skipped a chunk, NaN would reach the caller."""
+def _call(bounds, ops=TorchTileOps):
+    return ChunkedHead(HeadParams(), ops, tuple(bounds))
+
+
+def test_every_token_is_scored_exactly_once(monkeypatch):
+    """Outputs start poisoned (NaN) and the driver refuses chunks that leave a token unscored or score one twice."""
     hidden, weight = torch.randn(5, 3), torch.randn(7, 3)
     targets = torch.randint(0, 7, (5,))
     original = TorchTileOps.forward
 
-    class SkippingOps(TorchTileOps):
+    class CountingOps(TorchTileOps):
         calls = 0
 
         @staticmethod
         def forward(y, t, head):
-            SkippingOps.calls += 1
+            CountingOps.calls += 1
             return original(y, t, head)
 
-    logp, _ = LogProbFunction.apply(hidden, weight, None, targets, HeadParams(), SkippingOps, 7 * 4 * 4 * 2)
-    assert SkippingOps.calls == 3 and torch.isfinite(logp).all()
+    logp, _ = LogProbFunction.apply(hidden, weight, None, targets, _call([(0, 2), (2, 4), (4, 5)], CountingOps))
+    assert CountingOps.calls == 3 and torch.isfinite(logp).all()
+    for bounds in ([(0, 2), (4, 5)], [(0, 3), (2, 5)], [(0, 4)], [(0, 5), (5, 5)]):
+        with pytest.raises(ValueError, match="tile"):
+            SinglePassFunction.apply(hidden, weight, None, targets, _call(bounds), SumObjective())
 
-    bounds = [(0, 2), (4, 5)]  # tokens 2 and 3 never scored
-    loss, logp, _ = SinglePassPolicyFunction.apply(
-        hidden,
-        weight,
-        None,
-        targets,
-        HeadParams(),
-        TorchTileOps,
-        10**6,
-        bounds,
-        lambda s, e, lp, ent: (torch.ones_like(lp), None),
-        lambda lp, ent: lp.sum(),
-    )
-    assert torch.isnan(logp[2:4]).all() and torch.isnan(loss)
+
+def test_single_pass_runs_the_chunk_objective_protocol():
+    """grad() per chunk in order, finish() once; the gradient is that of finish()'s loss."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 4, generator=g, requires_grad=True)
+    weight = torch.randn(9, 4, generator=g, requires_grad=True)
+    targets = torch.randint(0, 9, (6,), generator=g)
+    objective = SumObjective()
+    loss, logp, _ = SinglePassFunction.apply(hidden, weight, None, targets, _call([(0, 2), (2, 5), (5, 6)]), objective)
+    assert objective.seen == [(0, 2), (2, 5), (5, 6)]
+    loss.backward()
+    ref_h, ref_w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = torch.log_softmax(ref_h @ ref_w.t(), -1).gather(-1, targets.unsqueeze(-1)).sum()
+    ref.backward()
+    assert rel_err(loss, ref) < 1e-6 and rel_err(logp.sum(), ref) < 1e-6
+    assert rel_err(hidden.grad, ref_h.grad) < 1e-5 and rel_err(weight.grad, ref_w.grad) < 1e-5
+
+
+def test_gradient_output_is_scaled_in_place():
+    """The saved fp32 gradients are scaled without a second fp32 copy (fp32 inputs get the accumulator itself back);
+    16-bit inputs get one fused scale-and-cast."""
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(4, 3).to(dtype).requires_grad_()
+        weight = torch.randn(5, 3).to(dtype).requires_grad_()
+        workspace = _Workspace(hidden, weight, None, _call([(0, 4)]))
+        acc = _GradAccumulators(hidden, weight, None, (True, True, False), workspace)
+        acc.dx.copy_(torch.randn(4, 3))
+        acc.dw.copy_(torch.randn(5, 3))
+        expected = [acc.dx * 2.5, acc.dw * 2.5]
+        dw_storage = acc.dw.data_ptr()
+        dx, dw, db = acc.results(scale=torch.tensor(2.5))
+        assert db is None and dx.dtype == dw.dtype == dtype
+        assert torch.equal(dw, expected[1].to(dtype)) and torch.equal(dx, expected[0].to(dtype))
+        assert (dw.data_ptr() == dw_storage) == (dtype == torch.float32)
 
 
 def test_single_pass_gradient_is_scaled_by_the_incoming_gradient():
@@ -131,6 +165,7 @@ def test_recomputing_backward_reenters_the_weight_gather():
     """Sharded setups (ZeRO-3) release the head after the forward: the backward must gather it again."""
     import contextlib
 
+    from fused_gspo import fused_logprobs
     from fused_gspo.chunked import weight_gather
 
     events = []
@@ -145,20 +180,10 @@ def test_recomputing_backward_reenters_the_weight_gather():
     weight = torch.randn(7, 3, requires_grad=True)
     token = weight_gather.set(gather)
     try:
-        logp, entropy = LogProbFunction.apply(hidden, weight, None, torch.tensor([0, 6, 2, 3]), HeadParams(),
-                                              TorchTileOps, 1 << 20)  # fmt: skip
+        logp, entropy = fused_logprobs(hidden, weight, torch.tensor([0, 6, 2, 3]), return_entropy=True, backend="torch")
     finally:
         weight_gather.reset(token)
     assert events == []  # the forward runs inside the caller's own gather
     (logp.sum() + entropy.sum()).backward()
     assert events == [("enter", (7, 3)), ("exit", (7, 3))]
     assert hidden.grad is not None and weight.grad is not None
-
-
-def test_chunks_count_the_cast_gradient_when_operands_are_half_precision():
-    """On CUDA the logits gradient is cast to bf16/fp16 for the GEMMs: that copy is part of the workspace."""
-    vocab, budget = 1000, 1_000_000
-    fp32_only = tokens_per_chunk(vocab, torch.float32, budget, 0)
-    with_cast = tokens_per_chunk(vocab, torch.float32, budget, 0, torch.bfloat16)
-    assert fp32_only == budget // (vocab * 4) and with_cast == budget // (vocab * 6)
-    assert tokens_per_chunk(vocab, torch.float32, budget, 0, torch.float32) == fp32_only

@@ -1,7 +1,10 @@
 """fused_gspo: GRPO-family policy losses fused with the LM head, without materializing the logits."""
 
-from .api import BACKENDS, FusedPolicyLoss, PolicyLossOutput, fused_logprobs, fused_policy_loss
+from .api import FusedPolicyLoss, fused_logprobs, fused_policy_loss
+from .backends import BACKENDS
 from .config import LEVELS, LOSS_TYPES, PolicyLossConfig
+from .plan import Plan, explain
+from .policy import PolicyLossOutput
 
 __version__ = "0.1.0"
 
@@ -26,7 +29,9 @@ __all__ = [
     "LOSS_TYPES",
     "FusedPolicyLoss",
     "PolicyLossConfig",
+    "Plan",
     "PolicyLossOutput",
+    "explain",
     "fused_logprobs",
     "fused_policy_loss",
     "patch_trl",

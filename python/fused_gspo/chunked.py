@@ -1,18 +1,19 @@
 """The chunked LM head: log-probs and gradients over token chunks, never holding more than one chunk's logits.
 
-Shared by the ``"torch"`` and ``"triton"`` backends; they differ only in their *tile ops* (what turns one chunk's
-projection into statistics, and statistics into the logits gradient). A chunk is ``n`` valid tokens against the whole
-vocabulary: the projection ``y = X_c @ W.T`` lands in a workspace of ``n * V`` floats, the tile ops reduce it, then
+Shared by the ``"torch"`` and ``"triton"`` backends; they differ only in their tile ops
+(:class:`fused_gspo.tile_ops.TileOps`). A chunk is ``n`` valid tokens against the whole vocabulary: the projection
+``y = X_c @ W.T`` lands in a workspace tile of ``n * V`` floats, the tile ops reduce it to per-token statistics, then
 (when the gradient is wanted) overwrite it with ``dL/dy``, which feeds ``dX_c = G @ W`` and ``dW += G.T @ X_c`` with
-fp32 accumulation. ``n`` is chosen so the workspace (and the tile ops' temporaries) fit ``workspace_bytes``.
+fp32 accumulation. Which chunks, and which of the two strategies below, is the planner's decision
+(:mod:`fused_gspo.plan`); the driver runs the :class:`ChunkedHead` it is handed.
 
-Two strategies (DESIGN.md section 3):
+The strategies (``docs/design.md``, "Strategy"):
 
 - :class:`LogProbFunction`: a forward that only computes log-probs and entropies, and a backward that recomputes each
-  chunk's projection to form the gradient (``8NHV`` with the backward). Used alone by ``fused_logprobs`` and, with the
-  objective on top, by every loss whose ``dL/dlogp`` needs the whole batch first.
-- :class:`SinglePassPolicyFunction`: the gradient formed in the forward while each chunk's logits are at hand
-  (``6NHV``), when the objective's gradient is known chunk by chunk.
+  chunk's projection to form the gradient (``8NHV`` with the backward). Used alone by ``fused_logprobs`` and, with
+  the objective on top, by every loss whose ``dL/dlogp`` needs the whole batch first ("two phases").
+- :class:`SinglePassFunction`: the gradient formed in the forward while each chunk's logits are at hand (``6NHV``),
+  for a :class:`ChunkObjective` that can give ``dL/dlogp`` chunk by chunk.
 """
 
 from __future__ import annotations
@@ -20,49 +21,52 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .head import HeadParams
+from .plan.runtime import chunk_format, operand_dtype
+from .tile_ops import TileOps, stats_dtype_for
 
 # A context manager factory ``gather(weight, bias)`` that the recomputing backward re-enters to get the head's full
 # weight back, for training setups that release it after the forward (the TRL adapter sets TRL's ZeRO-3 gather).
 # None: the weight stays materialized, nothing to do.
 weight_gather: contextvars.ContextVar = contextvars.ContextVar("fused_gspo_weight_gather", default=None)
 
-ChunkGrad = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+@dataclass(frozen=True)
+class ChunkedHead:
+    """Everything but the tensors, handed through ``Function.apply`` as one object.
+
+    ``bounds``: token ranges ``(start, stop)`` covering ``[0, N)`` in order (the planner's chunks).
+    ``gather``: :data:`weight_gather`'s value when the call was made.
+    """
+
+    head: HeadParams
+    ops: TileOps
+    bounds: tuple[tuple[int, int], ...]
+    gather: Callable | None = None
 
 
-def stats_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+class ChunkObjective(Protocol):
+    """The loss on top of the single pass, asked chunk by chunk.
 
+    The driver scores chunk ``[start, stop)`` of the valid tokens, then calls :meth:`grad` with its log-probs and
+    entropies; once every chunk is scored, :meth:`finish` with all of them. Implementations keep what they compute
+    (the loss terms, the ``[B, T]`` log-probs) as attributes for the caller.
+    """
 
-def tokens_per_chunk(
-    vocab: int,
-    stats_dtype: torch.dtype,
-    workspace_bytes: int,
-    temporaries: int,
-    operand_dtype: torch.dtype | None = None,
-) -> int:
-    """How many tokens fit in ``workspace_bytes``: their full-vocabulary logits in the stats dtype, the tile ops'
-    temporaries, and the logits gradient cast to the GEMM operand dtype when that differs (bf16/fp16 on CUDA)."""
-    per_token = vocab * torch.finfo(stats_dtype).bits // 8 * (1 + temporaries)
-    if operand_dtype is not None and operand_dtype != stats_dtype:
-        per_token += vocab * torch.finfo(operand_dtype).bits // 8
-    return max(1, workspace_bytes // per_token)
+    def grad(
+        self, start: int, stop: int, logp: torch.Tensor, entropy: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(dL/dlogp, dL/dentropy)``, each ``[stop - start]`` or None for a term the loss does not have."""
+        ...
 
-
-def chunk_tokens(hidden: torch.Tensor, weight: torch.Tensor, workspace_bytes: int, temporaries: int) -> int:
-    """:func:`tokens_per_chunk` for these inputs: the one place the chunked driver and the planner size chunks."""
-    compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    stats_dtype = stats_dtype_for(compute_dtype)
-    operand_dtype = _projection_dtype(compute_dtype, stats_dtype, hidden.device)
-    return tokens_per_chunk(weight.shape[0], stats_dtype, workspace_bytes, temporaries, operand_dtype)
-
-
-def _projection_dtype(compute_dtype: torch.dtype, stats_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # CUDA GEMMs take bf16/fp16 operands and write fp32 (`out_dtype`); elsewhere the operands are upcast
-    return compute_dtype if device.type == "cuda" else stats_dtype
+    def finish(self, logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        """The loss value (a detached scalar) from every token's ``logp`` and ``entropy`` (``[N]``)."""
+        ...
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -76,91 +80,166 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, o
     return out
 
 
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for an fp32 ``acc`` (each chunk's product is summed unrounded)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` with an fp32/fp64 ``out``; 16-bit operands multiply on tensor cores, summed unrounded."""
+    mixed = a.dtype != out.dtype
+    if accumulate:
+        if mixed:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            out.addmm_(a, b)
+    elif mixed:
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
     else:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        torch.mm(a, b, out=out)
 
 
 def _poisoned(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((n,), float("nan"), device=device, dtype=dtype)
 
 
-class _Chunks:
-    """Iterates ``[start, stop)`` token ranges and owns the workspace they share."""
+def _check_bounds(bounds, n_tokens: int) -> None:
+    end = 0
+    for start, stop in bounds:
+        if start != end or stop <= start:
+            raise ValueError(f"chunk bounds must tile [0, {n_tokens}) in order, got {list(bounds)}")
+        end = stop
+    if end != n_tokens:
+        raise ValueError(f"chunk bounds must tile [0, {n_tokens}) in order, got {list(bounds)}")
 
-    def __init__(self, hidden, weight, bias, ops, head: HeadParams, workspace_bytes: int, bounds=None):
-        self.hidden, self.weight, self.bias, self.ops, self.head = hidden, weight, bias, ops, head
-        self.compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        self.stats_dtype = stats_dtype_for(self.compute_dtype)
-        n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        if bounds is None:
-            step = chunk_tokens(hidden, weight, workspace_bytes, ops.temporaries)
-            bounds = [(s, min(s + step, n_tokens)) for s in range(0, n_tokens, step)]
-        self.bounds = bounds
-        widest = max((stop - start for start, stop in bounds), default=0)
-        self.buffer = torch.empty(widest * vocab, device=hidden.device, dtype=self.stats_dtype)
-        self.operand_dtype = _projection_dtype(self.compute_dtype, self.stats_dtype, hidden.device)
-        self.weight_operand = weight.to(self.operand_dtype)  # a copy only for mixed dtypes or off CUDA
 
-    def project(self, start: int, stop: int) -> torch.Tensor:
-        vocab = self.weight.shape[0]
-        tile = self.buffer[: (stop - start) * vocab].view(stop - start, vocab)
-        return _project(self.hidden[start:stop].to(self.operand_dtype), self.weight_operand, self.bias, tile)
+class _Workspace:
+    """The tile buffer shared by the chunks (sized to the widest), and the GEMMs' operands."""
+
+    def __init__(self, hidden, weight, bias, call: ChunkedHead):
+        _check_bounds(call.bounds, hidden.shape[0])
+        self.hidden, self.bias = hidden, bias
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        self.fmt = chunk_format(call.ops, compute_dtype, hidden.device.type == "cuda", hidden.dtype)
+        self.stats_dtype = stats_dtype_for(compute_dtype)
+        self.vocab = weight.shape[0]
+        widest = max((stop - start for start, stop in call.bounds), default=0)
+        self.buffer = torch.empty(widest * self.vocab, device=hidden.device, dtype=self.stats_dtype)
+        self.weight_operand = weight.to(self.fmt.operand_dtype)  # a copy only for mixed dtypes or off CUDA
+
+    def project(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's ``[n, V]`` projection tile, and its hidden rows in the GEMMs' operand dtype."""
+        n = stop - start
+        tile = self.buffer[: n * self.vocab].view(n, self.vocab)
+        x = self.hidden[start:stop].to(self.fmt.operand_dtype)
+        return _project(x, self.weight_operand, self.bias, tile), x
 
 
 class _GradAccumulators:
-    def __init__(self, hidden, weight, bias, needs, operand_dtype):
-        self.hidden, self.weight = hidden, weight
-        self.operand_dtype = operand_dtype
-        self.weight_operand = weight.to(operand_dtype)
-        acc = torch.promote_types(torch.float32, operand_dtype)
-        self.dx = torch.zeros(hidden.shape, device=hidden.device, dtype=acc) if needs[0] else None
+    """``dX`` (each chunk writes its own rows), ``dW`` and ``db`` (summed over chunks) in fp32 (fp64 for fp64)."""
+
+    def __init__(self, hidden, weight, bias, needs, workspace: _Workspace):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.operand_dtype = workspace.fmt.operand_dtype
+        self.weight_operand = workspace.weight_operand
+        acc = torch.promote_types(torch.float32, self.operand_dtype)
+        self.dx = torch.empty(hidden.shape, device=hidden.device, dtype=acc) if needs[0] else None
         self.dw = torch.zeros(weight.shape, device=weight.device, dtype=acc) if needs[1] else None
         self.db = torch.zeros(bias.shape, device=bias.device, dtype=acc) if (bias is not None and needs[2]) else None
 
-    def add(self, start: int, stop: int, grad_y: torch.Tensor) -> None:
-        # The gradient GEMMs run in the inputs' dtype on CUDA (tensor cores), accumulating in fp32
+    def add(self, start: int, stop: int, grad_y: torch.Tensor, x: torch.Tensor) -> None:
+        """Add chunk ``[start, stop)``'s share, from ``grad_y = dL/dy`` and the chunk's hidden rows ``x`` (both in
+        the operand dtype, or converted here: the torch backend's fp32 gradient on CUDA, a 16-bit one off CUDA)."""
         g = grad_y.to(self.operand_dtype)
         if self.dx is not None:
-            _accumulate(self.dx[start:stop], g, self.weight_operand)
+            _matmul_into(self.dx[start:stop], g, self.weight_operand, accumulate=False)
         if self.dw is not None:
-            _accumulate(self.dw, g.t(), self.hidden[start:stop].to(self.operand_dtype))
+            _matmul_into(self.dw, g.t(), x, accumulate=True)
         if self.db is not None:
-            self.db += grad_y.sum(0, dtype=self.db.dtype)
+            self.db += g.sum(0, dtype=self.db.dtype)
 
-    def results(self, bias, scale: torch.Tensor | None = None):
+    def results(self, scale: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """``[dX, dW, db]`` in the inputs' dtypes, times ``scale`` (the incoming gradient): one pass over each
+        accumulator, in place when no cast is needed (no second fp32 ``dW``)."""
         out = []
-        for acc, ref in ((self.dx, self.hidden), (self.dw, self.weight), (self.db, bias)):
+        for acc, ref in ((self.dx, self.hidden), (self.dw, self.weight), (self.db, self.bias)):
             if acc is None:
                 out.append(None)
-                continue
-            if scale is not None:
-                acc = acc * scale
-            out.append(acc.to(ref.dtype))
+            elif ref.dtype == acc.dtype:
+                out.append(acc if scale is None else acc.mul_(scale))
+            elif scale is None:
+                out.append(acc.to(ref.dtype))
+            else:
+                out.append(torch.mul(acc, scale, out=torch.empty_like(acc, dtype=ref.dtype)))
         return out
 
 
-class LogProbFunction(torch.autograd.Function):
-    """``(logp, entropy) = f(hidden [N, H], weight [V, H], bias [V] | None, targets [N])``, both ``[N]`` stats dtype.
+def score(hidden, weight, bias, targets, call: ChunkedHead):
+    """``(logp, entropy, lse)`` ``[N]`` of every token, chunk by chunk (no gradient is formed)."""
+    workspace = _Workspace(hidden, weight, bias, call)
+    # NaN-filled, so a token no chunk scored can never pass for a result
+    logp = _poisoned(hidden.shape[0], hidden.device, workspace.stats_dtype)
+    entropy, lse = torch.full_like(logp, float("nan")), torch.full_like(logp, float("nan"))
+    for start, stop in call.bounds:
+        tile, _ = workspace.project(start, stop)
+        logp[start:stop], entropy[start:stop], lse[start:stop] = call.ops.forward(tile, targets[start:stop], call.head)
+    return logp, entropy, lse
 
-    Forward: one projection per chunk, reduced to statistics. Backward: the projection again, turned into ``dL/dy``.
-    """
+
+def recompute_grads(hidden, weight, bias, targets, call: ChunkedHead, lse, entropy, grad_logp, grad_entropy, needs):
+    """The second of the two phases: each chunk projected again and turned into ``dL/dy`` from the tokens' upstream
+    gradients (``[N]``, either may be None); returns the fp32 accumulators."""
+    with call.gather(weight, bias) if call.gather is not None else contextlib.nullcontext():
+        workspace = _Workspace(hidden, weight, bias, call)
+        acc = _GradAccumulators(hidden, weight, bias, needs, workspace)
+        if acc.dx is not None and not call.bounds:
+            acc.dx.zero_()
+        for start, stop in call.bounds:
+            tile, x = workspace.project(start, stop)
+            grad_y = call.ops.backward_(
+                tile,
+                targets[start:stop],
+                lse[start:stop],
+                entropy[start:stop],
+                None if grad_logp is None else grad_logp[start:stop].to(tile.dtype),
+                None if grad_entropy is None else grad_entropy[start:stop].to(tile.dtype),
+                call.head,
+                workspace.fmt.grad_dtype,
+            )
+            acc.add(start, stop, grad_y, x)
+    return acc
+
+
+def single_pass(hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective, needs):
+    """``(loss, logp [N], entropy [N], accumulators)`` with the gradient formed chunk by chunk (``6NHV``).
+    ``call.bounds`` must only cut where the objective's gradient does not reach across (the planner's job)."""
+    workspace = _Workspace(hidden, weight, bias, call)
+    acc = _GradAccumulators(hidden, weight, bias, needs, workspace)
+    logp = _poisoned(hidden.shape[0], hidden.device, workspace.stats_dtype)
+    entropy = torch.full_like(logp, float("nan"))
+    if acc.dx is not None and not call.bounds:
+        acc.dx.zero_()
+    for start, stop in call.bounds:
+        tile, x = workspace.project(start, stop)
+        lp, ent, lse = call.ops.forward(tile, targets[start:stop], call.head)
+        logp[start:stop], entropy[start:stop] = lp, ent
+        grad_logp, grad_entropy = objective.grad(start, stop, lp, ent)
+        if grad_logp is None and grad_entropy is None:
+            if acc.dx is not None:
+                acc.dx[start:stop].zero_()
+            continue
+        grad_y = call.ops.backward_(
+            tile, targets[start:stop], lse, ent, grad_logp, grad_entropy, call.head, workspace.fmt.grad_dtype
+        )
+        acc.add(start, stop, grad_y, x)
+    del workspace  # the tile buffer goes before the objective's last evaluation and the backward
+    return objective.finish(logp, entropy), logp, entropy, acc
+
+
+class LogProbFunction(torch.autograd.Function):
+    """``(logp, entropy) = f(hidden [N, H], weight [V, H], bias [V] | None, targets [N], call)``, both ``[N]`` in the
+    stats dtype: :func:`score` forward, :func:`recompute_grads` backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, head: HeadParams, ops, workspace_bytes: int):
+    def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead):
         ctx.set_materialize_grads(False)
-        ctx.head, ctx.ops, ctx.workspace_bytes = head, ops, workspace_bytes
-        ctx.gather = weight_gather.get()
-        chunks = _Chunks(hidden, weight, bias, ops, head, workspace_bytes)
-        # NaN-filled, so a token no chunk scored can never pass for a result
-        logp = _poisoned(hidden.shape[0], hidden.device, chunks.stats_dtype)
-        entropy, lse = torch.full_like(logp, float("nan")), torch.full_like(logp, float("nan"))
-        for start, stop in chunks.bounds:
-            tile = chunks.project(start, stop)
-            logp[start:stop], entropy[start:stop], lse[start:stop] = ops.forward(tile, targets[start:stop], head)
+        ctx.call = call
+        logp, entropy, lse = score(hidden, weight, bias, targets, call)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         return logp, entropy
 
@@ -168,72 +247,54 @@ class LogProbFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None
         needs = ctx.needs_input_grad[:3]
-        with ctx.gather(weight, bias) if ctx.gather is not None else contextlib.nullcontext():
-            chunks = _Chunks(hidden, weight, bias, ctx.ops, ctx.head, ctx.workspace_bytes)
-            acc = _GradAccumulators(hidden, weight, bias, needs, chunks.operand_dtype)
-            for start, stop in chunks.bounds:
-                tile = chunks.project(start, stop)
-                grad_y = ctx.ops.backward_(
-                    tile,
-                    targets[start:stop],
-                    lse[start:stop],
-                    entropy[start:stop],
-                    None if grad_logp is None else grad_logp[start:stop].to(tile.dtype),
-                    None if grad_entropy is None else grad_entropy[start:stop].to(tile.dtype),
-                    ctx.head,
-                )
-                acc.add(start, stop, grad_y)
-            dx, dw, db = acc.results(bias)
-        return dx, dw, db, None, None, None, None
+        acc = recompute_grads(hidden, weight, bias, targets, ctx.call, lse, entropy, grad_logp, grad_entropy, needs)
+        dx, dw, db = acc.results()
+        return dx, dw, db, None, None
 
 
-def logprobs(hidden, weight, bias, targets, head: HeadParams, ops, workspace_bytes: int):
-    """``(logp, entropy)`` of ``targets``, each ``[N]``: differentiable through :class:`LogProbFunction`, or, when no
-    gradient can flow and the tile ops have one, from a matmul-with-epilogue kernel whose logits never leave the chip
-    (the ``old`` / ``ref`` log-prob pass)."""
-    fused = getattr(ops, "fused_logprobs", None)
-    grad_possible = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if fused is not None and not grad_possible and torch.promote_types(hidden.dtype, weight.dtype) != torch.float64:
-        logp, entropy, _ = fused(hidden, weight, bias, targets, head)
-        return logp, entropy
-    return LogProbFunction.apply(hidden, weight, bias, targets, head, ops, workspace_bytes)
-
-
-class SinglePassPolicyFunction(torch.autograd.Function):
-    """The loss with its gradient formed in the forward, chunk by chunk (``6NHV``).
-
-    ``chunk_grad(start, stop, logp, entropy)`` returns ``dL/dlogp`` and ``dL/dentropy`` for the chunk's tokens (None
-    for a term the loss does not have); ``finish(logp, entropy)`` returns the loss value once every token is scored.
-    ``bounds`` are the chunks, cut where the objective allows. Returns ``(loss, logp [N], entropy [N])``; the saved
-    gradients are scaled by the incoming ``dL`` in backward.
-    """
+class SinglePassFunction(torch.autograd.Function):
+    """``(loss, logp [N], entropy [N]) = f(hidden, weight, bias, targets, call, objective)``: :func:`single_pass`
+    forward; backward scales the saved gradients by the incoming ``dL``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, head, ops, workspace_bytes, bounds, chunk_grad, finish):
+    def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective):
         ctx.set_materialize_grads(False)
-        chunks = _Chunks(hidden, weight, bias, ops, head, workspace_bytes, bounds=bounds)
-        acc = _GradAccumulators(hidden, weight, bias, ctx.needs_input_grad[:3], chunks.operand_dtype)
-        logp = _poisoned(hidden.shape[0], hidden.device, chunks.stats_dtype)
-        entropy = torch.full_like(logp, float("nan"))
-        for start, stop in chunks.bounds:
-            tile = chunks.project(start, stop)
-            lp, ent, lse = ops.forward(tile, targets[start:stop], head)
-            logp[start:stop], entropy[start:stop] = lp, ent
-            grad_logp, grad_entropy = chunk_grad(start, stop, lp, ent)
-            if grad_logp is None and grad_entropy is None:
-                continue
-            grad_y = ops.backward_(tile, targets[start:stop], lse, ent, grad_logp, grad_entropy, head)
-            acc.add(start, stop, grad_y)
-        ctx.acc, ctx.bias = acc, bias
+        loss, logp, entropy, ctx.acc = single_pass(
+            hidden, weight, bias, targets, call, objective, ctx.needs_input_grad[:3]
+        )
         ctx.mark_non_differentiable(logp, entropy)
-        return finish(logp, entropy), logp, entropy
+        return loss, logp, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
-            return (None,) * 10
-        dx, dw, db = ctx.acc.results(ctx.bias, scale=grad_loss)
+            return (None,) * 6
+        dx, dw, db = ctx.acc.results(scale=grad_loss)
         ctx.acc = None
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None
+
+
+def logprobs(hidden, weight, bias, targets, call: ChunkedHead, strategy: str = "two_phase"):
+    """``(logp, entropy)`` of ``targets``, each ``[N]``: differentiable through :class:`LogProbFunction`, or, for the
+    planner's ``"fused"`` strategy (no gradient can flow), from the tile ops' matmul-with-epilogue kernel whose logits
+    never leave the chip (the ``old`` / ``ref`` log-prob pass)."""
+    if strategy == "fused":
+        logp, entropy, _ = call.ops.fused_logprobs(hidden, weight, bias, targets, call.head)
+        return logp, entropy
+    return LogProbFunction.apply(hidden, weight, bias, targets, call)
+
+
+__all__ = [
+    "ChunkObjective",
+    "ChunkedHead",
+    "LogProbFunction",
+    "SinglePassFunction",
+    "logprobs",
+    "operand_dtype",
+    "recompute_grads",
+    "score",
+    "single_pass",
+    "weight_gather",
+]

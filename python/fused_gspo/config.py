@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -26,7 +27,9 @@ class PolicyLossConfig:
     ``hidden @ weight.T + bias`` in TRL's order: scale, then softcap, then divide by the temperature.
     ``gradient_accumulation_steps``, ``steps_per_generation`` and ``num_processes`` only enter TRL's normalizers; the
     defaults (1, same as accumulation, 1) give the loss of one process, one micro-batch.
-    ``workspace_bytes`` bounds the chunked backends' scratch memory (the logits of one chunk of tokens).
+    ``workspace_bytes`` bounds the chunked backends' scratch memory (the logits of one chunk of tokens): an int, or
+    ``"auto"`` (512 MiB on CPU; on a GPU what the cost model finds worth having within a share of the free memory,
+    see ``docs/design.md``, "The default budget"). An explicit budget is always obeyed.
     """
 
     loss_type: str = "dapo"
@@ -52,7 +55,7 @@ class PolicyLossConfig:
     gradient_accumulation_steps: int = 1
     steps_per_generation: int | None = None
     num_processes: int = 1
-    workspace_bytes: int = 512 * 1024 * 1024
+    workspace_bytes: int | str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,8 +120,7 @@ class PolicyLossConfig:
             raise ValueError(
                 f"steps_per_generation must be a positive integer or None, got {self.steps_per_generation!r}"
             )
-        if int(self.workspace_bytes) != self.workspace_bytes or self.workspace_bytes < 1:
-            raise ValueError(f"workspace_bytes must be a positive integer, got {self.workspace_bytes!r}")
+        validate_workspace_bytes(self.workspace_bytes)
 
         # Objectives whose trainers (GMPOTrainer, RLOOTrainer) do not implement an option: refuse rather than ignore.
         if self.loss_type == "gmpo":
@@ -164,6 +166,14 @@ class PolicyLossConfig:
                     f"{name}={getattr(self, name)!r} is not supported with loss_type={loss_type!r}: its TRL trainer "
                     f"does not apply it{why}"
                 )
+
+
+def validate_workspace_bytes(value) -> None:
+    """``"auto"`` or a positive integer number of bytes."""
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"workspace_bytes must be 'auto' or a positive integer, got {value!r}")
 
 
 def _finite(name: str, value, positive: bool = False) -> None:

@@ -51,14 +51,20 @@ def full_logprobs(
 
 
 class TorchTileOps:
-    """Chunk statistics and logits gradient in plain PyTorch: the ``"torch"`` backend's tile operations.
+    """Chunk statistics and logits gradient in plain PyTorch: the ``"torch"`` backend's
+    :class:`fused_gspo.tile_ops.TileOps`.
 
-    Written in place where it can, so that next to the ``[n, V]`` tile they hold at most ``temporaries`` more.
+    Written in place where it can, so that next to the ``[n, V]`` tile they hold at most ``temporaries`` more. The
+    gradient stays in the tile's dtype; the driver casts it for 16-bit GEMMs.
     """
 
     name = "torch"
     # [n, V] buffers these ops allocate next to the tile, for sizing chunks within the workspace
     temporaries = 2
+
+    @staticmethod
+    def grad_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
     @staticmethod
     def forward(y: torch.Tensor, targets: torch.Tensor, head: HeadParams):
@@ -76,8 +82,11 @@ class TorchTileOps:
         return logp, entropy, m.squeeze(-1) + log_s
 
     @staticmethod
-    def backward_(y, targets, lse, entropy, grad_logp, grad_entropy, head: HeadParams) -> torch.Tensor:
-        """Overwrite ``y`` with ``dL/dy``. ``grad_logp``/``grad_entropy``: ``[n]`` or None (no such term)."""
+    def backward_(y, targets, lse, entropy, grad_logp, grad_entropy, head: HeadParams, grad_dtype=None) -> torch.Tensor:
+        """Overwrite ``y`` with ``dL/dy`` (in ``y``'s dtype, the only ``grad_dtype`` these ops write).
+        ``grad_logp``/``grad_entropy``: ``[n]`` or None (no such term)."""
+        if grad_dtype is not None and grad_dtype != y.dtype:
+            raise ValueError(f"TorchTileOps writes the gradient in the tile's dtype {y.dtype}, not {grad_dtype}")
         # z = transform(y), rounded exactly as in forward (so a one-token vocabulary gives log p = 0 exactly)
         t = None
         y.mul_(head.logit_scale)

@@ -1,8 +1,9 @@
 """The ``"triton"`` backend's tile operations: the chunked driver's statistics and logits gradient as Triton kernels.
 
-:class:`TritonTileOps` has :class:`fused_gspo.head.TorchTileOps`'s interface. Its forward reads a chunk's projection
+:class:`TritonTileOps` implements :class:`fused_gspo.tile_ops.TileOps`. Its forward reads a chunk's projection
 once (split online log-sum-exp with a running ``sum z e^z``, partials merged by a second kernel) and its backward
-overwrites the chunk in place with ``dL/dy``; neither allocates anything of the chunk's size (``temporaries = 0``).
+overwrites the chunk with ``dL/dy``, for bf16/fp16 inputs straight in that dtype over the first half of each fp32 row
+(the GEMMs' operand, written once); neither allocates anything of the chunk's size (``temporaries = 0``).
 The kernels live in :mod:`fused_gspo.kernels` (``logsumexp_stats``, ``logits_grad``, ``linear_logprob``).
 
 The kernels take float32 chunks (what the driver projects into for bf16/fp16/fp32 inputs). Float64 chunks (float64
@@ -13,7 +14,7 @@ within the chunk's size. CPU tensors need the Triton interpreter (``TRITON_INTER
 from __future__ import annotations
 
 import torch
-import triton  # noqa: F401  (an ImportError here tells api.triton_tile_ops that the backend is unavailable)
+import triton  # noqa: F401  (an ImportError here tells backends.triton_tile_ops the backend is unavailable)
 
 from .head import HeadParams, TorchTileOps
 from .kernels.launch_config import interpreting
@@ -43,11 +44,17 @@ def _head_args(head: HeadParams) -> tuple:
 
 
 class TritonTileOps:
-    """Chunk statistics and logits gradient as Triton kernels; see :class:`fused_gspo.head.TorchTileOps`."""
+    """Chunk statistics and logits gradient as Triton kernels; see :class:`fused_gspo.tile_ops.TileOps`."""
 
     name = "triton"
     # [n, V] temporaries these ops allocate next to the tile (none: O(n) statistics only)
     temporaries = 0
+
+    @staticmethod
+    def grad_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+        if compute_dtype in (torch.bfloat16, torch.float16):
+            return compute_dtype
+        return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
     @staticmethod
     def forward(y: torch.Tensor, targets: torch.Tensor, head: HeadParams):
@@ -62,9 +69,14 @@ class TritonTileOps:
         return logsumexp_stats(y, targets.long(), *_head_args(head))
 
     @staticmethod
-    def backward_(y, targets, lse, entropy, grad_logp, grad_entropy, head: HeadParams) -> torch.Tensor:
-        """Overwrite ``y`` with ``dL/dy``. ``grad_logp``/``grad_entropy``: ``[n]`` or None (no such term)."""
+    def backward_(y, targets, lse, entropy, grad_logp, grad_entropy, head: HeadParams, grad_dtype=None) -> torch.Tensor:
+        """``dL/dy`` over ``y``: in place for float32/float64 ``grad_dtype`` (default: ``y``'s dtype), else the
+        bf16/fp16 view over the first half of each row (row stride ``2V``).
+        ``grad_logp``/``grad_entropy``: ``[n]`` or None (no such term)."""
+        grad_dtype = y.dtype if grad_dtype is None else grad_dtype
         if y.dtype != torch.float32:
+            if grad_dtype != y.dtype:
+                raise ValueError(f"a {y.dtype} tile's gradient is written in {y.dtype}, not {grad_dtype}")
             for start, stop in _row_slices(y.shape[0]):
                 TorchTileOps.backward_(
                     y[start:stop],
@@ -77,11 +89,18 @@ class TritonTileOps:
                 )
             return y
         _check_runnable(y)
-        work = y if y.stride(1) == 1 else y.contiguous()
-        logits_grad_(work, targets.long(), lse.float(), entropy.float(), grad_logp, grad_entropy, *_head_args(head))
-        if work is not y:
-            y.copy_(work)
-        return y
+        if y.stride(1) != 1:
+            raise ValueError("the tile must have unit column stride (the driver's workspace rows)")
+        return logits_grad_(
+            y,
+            targets.long(),
+            lse.float(),
+            entropy.float(),
+            grad_logp,
+            grad_entropy,
+            *_head_args(head),
+            out_dtype=grad_dtype,
+        )
 
     @staticmethod
     def fused_logprobs(hidden, weight, bias, targets, head: HeadParams):

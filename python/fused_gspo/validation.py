@@ -1,4 +1,9 @@
-"""Input checks for the public API: every bad input gets a ``TypeError``/``ValueError`` naming the argument."""
+"""Input checks for the public API: every bad input gets a ``TypeError``/``ValueError`` naming the argument.
+
+Checks of types and shapes cost nothing; checks of values (token ids in range, a 0/1 mask, ``cu_seqlens`` offsets,
+packed row counts) read the data and so wait for the device. ``values=False`` skips the latter: under
+``torch.compile`` the wrappers check shapes while tracing and the custom operators check values when they run.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,20 @@ def _same_device(reference: torch.Tensor, **tensors) -> None:
             raise ValueError(f"{name} is on {x.device}, but hidden is on {reference.device}")
 
 
+def _is_dtensor(x) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor  # noqa: PLC0415
+    except ImportError:  # a build without torch.distributed
+        return False
+    return isinstance(x, DTensor)
+
+
 def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if _is_dtensor(weight):
+        raise TypeError(
+            "weight is a DTensor (a sharded parameter, e.g. FSDP2's outside the module's forward): pass the LM-head "
+            "module itself (fused_policy_loss(hidden, model.lm_head, ...)) so that it is unsharded for the call"
+        )
     _tensor("weight", weight, floating=True, ndim=(2,))
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -48,7 +66,7 @@ def _check_ids(name: str, ids: torch.Tensor, vocab: int, where: torch.Tensor | N
         raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})")
 
 
-def validate_logprob_inputs(*, hidden, weight, targets, bias) -> None:
+def validate_logprob_inputs(*, hidden, weight, targets, bias, values: bool = True) -> None:
     _tensor("hidden", hidden, floating=True)
     if hidden.dim() < 1:
         raise ValueError("hidden must have a hidden dimension")
@@ -60,7 +78,8 @@ def validate_logprob_inputs(*, hidden, weight, targets, bias) -> None:
             f"got {tuple(targets.shape)}"
         )
     _same_device(hidden, weight=weight, targets=targets, bias=bias)
-    _check_ids("targets", targets, weight.shape[0])
+    if values:
+        _check_ids("targets", targets, weight.shape[0])
 
 
 def validate_policy_inputs(
@@ -77,39 +96,72 @@ def validate_policy_inputs(
     importance_sampling_ratio,
     num_items_in_batch,
     bias,
+    cu_seqlens=None,
+    values: bool = True,
 ) -> None:
-    _tensor("hidden", hidden, floating=True, ndim=(2, 3))
+    packed = cu_seqlens is not None
+    _tensor("hidden", hidden, floating=True, ndim=(2,) if packed else (2, 3))
     _check_head(hidden, weight, bias)
-    _tensor("completion_ids", completion_ids, floating=False, ndim=(2,))
-    _tensor("completion_mask", completion_mask, ndim=(2,))
-    B, T = completion_ids.shape if hidden.dim() == 2 else hidden.shape[:2]
-    for name, x in (("completion_ids", completion_ids), ("completion_mask", completion_mask)):
-        if tuple(x.shape) != (B, T):
+    token_dims = (1,) if packed else (2,)
+    _tensor("completion_ids", completion_ids, floating=False, ndim=token_dims)
+    _tensor("completion_mask", completion_mask, ndim=token_dims)
+    if packed:
+        _tensor("cu_seqlens", cu_seqlens, floating=False, ndim=(1,))
+        tokens = tuple(completion_ids.shape)
+        rows = cu_seqlens.shape[0] - 1
+        if rows < 0:
+            raise ValueError("cu_seqlens must hold at least one offset (0)")
+        if values and (
+            int(cu_seqlens[0]) != 0
+            or int(cu_seqlens[-1]) != tokens[0]
+            or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any())
+        ):
             raise ValueError(
-                f"{name} must have shape ({B}, {T}) like hidden's first two dimensions, got {tuple(x.shape)}"
+                f"cu_seqlens must start at 0, never decrease, and end at the number of packed positions "
+                f"({tokens[0]}), got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}"
             )
+        row_shape, per_token = (rows,), tokens
+        if rows == tokens[0] and rows > 0:
+            raise ValueError(
+                f"cu_seqlens marks as many sequences as positions ({rows}): per-sequence ([S]) and per-token ([N]) "
+                "tensors cannot be told apart; use the padded [B, T] layout for such a batch"
+            )
+    else:
+        B, T = completion_ids.shape if hidden.dim() == 2 else hidden.shape[:2]
+        row_shape, per_token = (B,), (B, T)
+    for name, x in (("completion_ids", completion_ids), ("completion_mask", completion_mask)):
+        if tuple(x.shape) != per_token:
+            like = "completion_ids" if packed else "hidden's first two dimensions"
+            raise ValueError(f"{name} must have shape {per_token} like {like}, got {tuple(x.shape)}")
     if completion_mask.dtype.is_complex:
         raise TypeError(f"completion_mask must be bool, integer or floating, got {completion_mask.dtype}")
-    if completion_mask.numel() and not bool(((completion_mask == 0) | (completion_mask == 1)).all()):
+    if values and completion_mask.numel() and not bool(((completion_mask == 0) | (completion_mask == 1)).all()):
         raise ValueError("completion_mask must hold only 0 and 1")
-    if hidden.dim() == 2 and hidden.shape[0] != int(completion_mask.sum()):
+    if values and hidden.dim() == 2 and not (packed and hidden.shape[0] == per_token[0]):
+        valid_count = int(completion_mask.sum())
+        if hidden.shape[0] != valid_count:
+            every = f" or one per packed position ({per_token[0]})" if packed else ""
+            raise ValueError(
+                f"packed hidden ([N, H]) must hold one row per valid token ({valid_count}){every}, "
+                f"got {hidden.shape[0]}"
+            )
+
+    row_or_token = (row_shape, per_token)
+    _tensor("advantages", advantages, floating=True, ndim=(1,) if packed else (1, 2))
+    if tuple(advantages.shape) not in row_or_token:
+        raise ValueError(f"advantages must have shape {row_shape} or {per_token}, got {tuple(advantages.shape)}")
+    if config.loss_type in ("gmpo", "rloo") and tuple(advantages.shape) != row_shape:
         raise ValueError(
-            f"packed hidden ([N, H]) must hold one row per valid token: completion_mask has "
-            f"{int(completion_mask.sum())}, hidden has {hidden.shape[0]}"
+            f"advantages must have shape {row_shape} for loss_type={config.loss_type!r}: it is per sequence"
         )
 
-    _tensor("advantages", advantages, floating=True, ndim=(1, 2))
-    if tuple(advantages.shape) not in ((B,), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
-    if config.loss_type in ("gmpo", "rloo") and advantages.dim() != 1:
-        raise ValueError(f"advantages must have shape ({B},) for loss_type={config.loss_type!r}: it is per sequence")
-
-    old_shapes = ((B, T), (B,)) if config.loss_type == "rloo" else ((B, T),)
+    old_shapes = row_or_token if config.loss_type == "rloo" else (per_token,)
+    ratio_shapes = (per_token, row_shape) if packed else (per_token, (row_shape[0], 1))
     for name, x, shapes in (
         ("old_logps", old_logps, old_shapes),
-        ("ref_logps", ref_logps, ((B, T),)),
-        ("sampling_logps", sampling_logps, ((B, T),)),
-        ("importance_sampling_ratio", importance_sampling_ratio, ((B, T), (B, 1))),
+        ("ref_logps", ref_logps, (per_token,)),
+        ("sampling_logps", sampling_logps, (per_token,)),
+        ("importance_sampling_ratio", importance_sampling_ratio, ratio_shapes),
     ):
         if x is None:
             continue
@@ -124,19 +176,18 @@ def validate_policy_inputs(
             f"importance_sampling_ratio is not supported with loss_type={config.loss_type!r}: its TRL trainer does "
             "not apply the vLLM correction"
         )
+    if packed and config.loss_type == "dr_grpo" and config.max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' with cu_seqlens needs max_completion_length (its normalizer)")
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             if num_items_in_batch.numel() != 1:
                 raise ValueError("num_items_in_batch must be a scalar")
-            value = float(num_items_in_batch)
-        elif isinstance(num_items_in_batch, (int, float)) and not isinstance(num_items_in_batch, bool):
-            value = float(num_items_in_batch)
-        else:
+        elif not isinstance(num_items_in_batch, (int, float)) or isinstance(num_items_in_batch, bool):
             raise TypeError(
                 f"num_items_in_batch must be a number or a scalar tensor, got {type(num_items_in_batch).__name__}"
             )
-        if not value >= 0:
-            raise ValueError(f"num_items_in_batch must be >= 0, got {value}")
+        if values and not float(num_items_in_batch) >= 0:
+            raise ValueError(f"num_items_in_batch must be >= 0, got {float(num_items_in_batch)}")
     _same_device(
         hidden,
         weight=weight,
@@ -148,5 +199,7 @@ def validate_policy_inputs(
         ref_logps=ref_logps,
         sampling_logps=sampling_logps,
         importance_sampling_ratio=importance_sampling_ratio,
+        cu_seqlens=cu_seqlens,
     )
-    _check_ids("completion_ids", completion_ids, weight.shape[0], where=completion_mask.bool())
+    if values:
+        _check_ids("completion_ids", completion_ids, weight.shape[0], where=completion_mask.bool())

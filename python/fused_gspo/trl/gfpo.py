@@ -18,7 +18,8 @@ from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from .patch import _FLAG_HELP, patch_trl
+from .config_field import FLAG_HELP
+from .patch import patch_trl
 
 
 @dataclass
@@ -34,7 +35,7 @@ class GFPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Completions kept per group by group_filter_func (smaller than num_generations)."},
     )
-    use_fused_gspo_loss: bool = field(default=False, metadata={"help": _FLAG_HELP})
+    use_fused_gspo_loss: bool = field(default=False, metadata={"help": FLAG_HELP})
 
     def __post_init__(self):
         super().__post_init__()
@@ -55,9 +56,12 @@ class GFPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "gfpo"]
 
     def __init__(self, model, reward_funcs, args: GFPOConfig | None = None, *, group_filter_func=None, **kwargs):
-        if args is not None and not isinstance(args, GFPOConfig):
+        if args is None:  # as GRPOTrainer names its default, but a GFPOConfig (GRPOTrainer would build a GRPOConfig)
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = GFPOConfig(f"{(name or 'model').split('/')[-1]}-GFPO")
+        if not isinstance(args, GFPOConfig):
             raise TypeError(f"args must be a GFPOConfig, got {type(args).__name__}")
-        if args is not None and args.use_fused_gspo_loss:
+        if args.use_fused_gspo_loss:
             patch_trl()  # the switch lives on GRPOTrainer, which this trainer inherits
         super().__init__(model, reward_funcs, args=args, **kwargs)
         self.group_filter_func = group_filter_func

@@ -3,10 +3,11 @@
 What ``patch_trl()`` changes, and ``unpatch_trl()`` restores:
 
 - ``GRPOConfig``, ``RLOOConfig`` and ``GMPOConfig`` get a real dataclass field ``use_fused_gspo_loss: bool = False``
-  (command lines, ``to_dict()``, saved arguments). With it off, the trainers run TRL's own code, untouched.
-- With it on, each trainer's ``_compute_loss`` runs :func:`fused_gspo.api.policy_loss` on the backbone's last hidden
-  states and the LM head, and keeps TRL's bookkeeping (normalizers, entropy-bonus controller, MoE auxiliary loss,
-  metrics under TRL's names, reduced across processes as TRL reduces them).
+  (:mod:`.config_field`: command lines, ``to_dict()``, saved arguments). With it off, the trainers run TRL's own
+  code, untouched.
+- With it on, each trainer's ``_compute_loss`` runs :func:`fused_gspo.policy.compute_policy_loss` on the backbone's
+  last hidden states and the LM head, and keeps TRL's bookkeeping (normalizers, entropy-bonus controller, MoE
+  auxiliary loss, metrics under TRL's names, reduced across processes as TRL reduces them).
 
 How the hidden states are reached: TRL scores tokens through the forward it patches onto the model
 (``add_fused_lm_head``), which runs the backbone, gathers the LM head (FSDP2 ``full_tensor``, ZeRO-3 gather), and hands
@@ -20,61 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import warnings
 
 import torch
 
-from ..api import fused_logprobs, policy_loss
+from ..api import fused_logprobs
 from ..chunked import weight_gather
 from ..config import PolicyLossConfig
-
-FLAG = "use_fused_gspo_loss"
-_FLAG_HELP = (
-    "Compute the policy loss with fused_gspo's fused LM-head kernels (same numbers as TRL, without the [tokens, "
-    "vocab] logits). Also enables importance_sampling_level='sequence_token' (GSPO-token)."
-)
+from ..policy import CrossProcess, compute_policy_loss
+from .config_field import FLAG, add_flag_field, remove_flag_field
 
 _request: contextvars.ContextVar = contextvars.ContextVar("fused_gspo_request", default=None)
 _saved: dict = {}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The flag as a dataclass field
-
-
-def _add_flag(cls) -> None:
-    if FLAG in cls.__dataclass_fields__:
-        return
-    flag = dataclasses.field(default=False, metadata={"help": _FLAG_HELP})
-    flag.name, flag.type = FLAG, bool
-    flag._field_type = dataclasses._FIELD  # what dataclasses.fields() selects on
-    original_init = cls.__init__
-
-    @functools.wraps(original_init)
-    def __init__(self, *args, use_fused_gspo_loss: bool = False, **kwargs):
-        object.__setattr__(self, FLAG, bool(use_fused_gspo_loss))
-        original_init(self, *args, **kwargs)
-
-    _saved[cls] = (original_init, "__annotations__" in cls.__dict__)
-    cls.__dict__.get("__annotations__") or setattr(cls, "__annotations__", {})
-    cls.__annotations__[FLAG] = bool  # HfArgumentParser resolves field types with get_type_hints
-    cls.__dataclass_fields__[FLAG] = flag
-    setattr(cls, FLAG, False)
-    cls.__init__ = __init__
-
-
-def _remove_flag(cls) -> None:
-    if cls not in _saved:
-        return
-    original_init, had_annotations = _saved.pop(cls)
-    cls.__init__ = original_init
-    del cls.__dataclass_fields__[FLAG]
-    del cls.__annotations__[FLAG]
-    if not had_annotations:
-        del cls.__annotations__
-    delattr(cls, FLAG)
 
 
 def _flag_on(trainer) -> bool:
@@ -151,21 +110,21 @@ class _LossRequest:
         else:  # packed completion tokens; keep those the loss mask keeps
             tokens = hidden[self.loss_mask.bool()[scored]]
         kw = self.loss_kwargs
-        self.output = policy_loss(
+        self.output = compute_policy_loss(
             tokens,
             weight,
             self.completion_ids,
             kw["advantages"],
             self.loss_mask,
+            config=config,
             old_logps=kw.get("old_logps"),
             ref_logps=kw.get("ref_logps"),
             sampling_logps=kw.get("sampling_logps"),
             importance_sampling_ratio=kw.get("importance_sampling_ratio"),
             num_items_in_batch=kw.get("num_items_in_batch"),
             bias=bias,
-            config=config,
             backend="auto",
-            **self.hooks,
+            cross_process=self.hooks,
         )
         # Hand TRL's forward per-token values in the layout it scatters back (it only logs their shapes' worth)
         per_token = []
@@ -249,7 +208,7 @@ def policy_config_for(trainer, mode: str = "train", entropy_coef: float = 0.0) -
         )
 
 
-def _hooks(trainer) -> dict:
+def _hooks(trainer) -> CrossProcess:
     """The accelerator's cross-process reductions, where TRL's ``_compute_loss`` uses them."""
     accelerator = trainer.accelerator
     sentinel = -1e9  # entropies are >= 0, so this pad value cannot collide with one
@@ -258,7 +217,7 @@ def _hooks(trainer) -> dict:
         gathered = accelerator.gather(accelerator.pad_across_processes(values, dim=0, pad_index=sentinel))
         return gathered[gathered != sentinel]
 
-    return dict(
+    return CrossProcess(
         reduce_sum=lambda x: accelerator.reduce(x, reduction="sum"),
         gather=accelerator.gather,
         gather_values=gather_values,
@@ -309,7 +268,7 @@ def _score(trainer, model, inputs, loss_mask, config, loss_kwargs, compute_aux_l
 def _log(trainer, mode: str, metrics: dict, skip=("policy_loss", "entropy_coef")) -> None:
     for name, value in metrics.items():
         if name not in skip:
-            trainer._metrics[mode][name].append(value)
+            trainer._metrics[mode][name].append(value.item())  # TRL logs Python floats
 
 
 def _grpo_compute_loss(self, model, inputs):
@@ -474,7 +433,7 @@ def patch_trl() -> None:
     if _saved.get("patched"):
         return
     for cls in _config_classes():
-        _add_flag(cls)
+        add_flag_field(cls)
     originals = []
     for owner, name, make in _targets():
         original = owner.__dict__[name]
@@ -491,7 +450,7 @@ def unpatch_trl() -> None:
     for owner, name, original in originals:
         setattr(owner, name, original)
     for cls in _config_classes():
-        _remove_flag(cls)
+        remove_flag_field(cls)
 
 
 def is_patched() -> bool:

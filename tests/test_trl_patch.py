@@ -1,183 +1,46 @@
-"""The TRL adapter end to end: real TRL trainers on a tiny random causal LM, flag off vs on, same seed.
+"""fused_gspo.trl.patch end to end: real TRL trainers on a tiny random causal LM, flag off vs on, same seed.
 
-Each case trains a few steps twice from the same seed and asserts that the logged losses, gradient norms and
-metrics, and the updated weights, agree. The model is a 2-layer Qwen2 built from a config, the tokenizer a word-level
-one built here (no downloads), the reward rule-based.
+Each training case trains a few steps twice from the same seed and asserts that the logged losses, gradient norms and
+metrics, and the updated weights, agree (:func:`trl_helpers.assert_same_training`). The crafted cases compare one
+``_compute_loss`` call, TRL's and ours, on the same inputs.
 """
 
-import dataclasses
 import math
-import warnings
 from collections import defaultdict
 
 import pytest
 import torch
 
 trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
 
 from conftest import rel_err  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl_helpers import (  # noqa: E402
+    assert_autouse_fixtures_active,
+    assert_same_training,
+    even_words_reward,
+    prompts_dataset,
+    small_config,
+    tiny_model,
+    train,
+    with_eos_bias,
+)
 
-import fused_gspo  # noqa: E402
-from fused_gspo.trl import FLAG, patch_trl, unpatch_trl  # noqa: E402
-
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", message=".*trl.experimental.*")
-
-WORDS = [f"w{i}" for i in range(300)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+# fixtures, re-exported (``x as x``) so that pytest registers them in this module
+from trl_helpers import fused_calls_fixture as fused_calls_fixture  # noqa: E402
+from trl_helpers import model_path_fixture as model_path_fixture  # noqa: E402
+from trl_helpers import patched_fixture as patched_fixture  # noqa: E402
+from trl_helpers import tokenizer_fixture as tokenizer_fixture  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def patched():
-    patch_trl()
-    yield
-    unpatch_trl()
+def test_autouse_fixtures_apply_here(request):
+    assert_autouse_fixtures_active(request)
 
 
-def tiny_model(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(WORDS) + 3,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-        **overrides,
-    )
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        # Point the EOS row along the mean final hidden state so ~5% of sampled tokens end the completion: some
-        # completions terminate, others are truncated (what mask_truncated_completions acts on)
-        hidden = model.model(torch.randint(3, config.vocab_size, (8, 16))).last_hidden_state.mean((0, 1))
-        model.lm_head.weight[config.eos_token_id] = 3.5 * hidden / hidden.square().sum()
-    return model
+# ---------------------------------------------------------------------------------------------------------------
+# Training: flag off vs on
 
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory, tokenizer):
-    """The tiny model saved locally: trainers load it (and their reference model) by path, as with a Hub id."""
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    tiny_model().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def prompts_dataset(n: int = 8):
-    g = torch.Generator().manual_seed(0)
-    rows = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (3,), generator=g)) for _ in range(n)]
-    return datasets.Dataset.from_dict({"prompt": rows})
-
-
-def even_words_reward(completions, **_):
-    """Fraction of even-numbered words: a verifiable, rule-based reward."""
-    scores = []
-    for text in completions:
-        words = text.split()
-        scores.append(sum(w.startswith("w") and int(w[1:]) % 2 == 0 for w in words) / max(len(words), 1))
-    return scores
-
-
-TIMINGS = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
-
-
-@pytest.fixture(autouse=True)
-def fused_calls(monkeypatch):
-    """Counts the fused loss and log-prob computations, to prove the flag really switches the path."""
-    import fused_gspo.trl.patch as adapter
-
-    calls = {"loss": 0, "logprobs": 0}
-    loss_fn, logprob_fn = adapter.policy_loss, adapter.fused_logprobs
-
-    def counted_loss(*args, **kwargs):
-        calls["loss"] += 1
-        return loss_fn(*args, **kwargs)
-
-    def counted_logprobs(*args, **kwargs):
-        calls["logprobs"] += 1
-        return logprob_fn(*args, **kwargs)
-
-    monkeypatch.setattr(adapter, "policy_loss", counted_loss)
-    monkeypatch.setattr(adapter, "fused_logprobs", counted_logprobs)
-    return calls
-
-
-def train(trainer_cls, config_cls, tokenizer, model, flag: bool, trainer_kwargs=None, **kwargs):
-    """Train ``max_steps`` with plain SGD (its update is proportional to the gradient, so differences stay
-    comparable; Adam would blow up the rounding noise of gradients that are mathematically zero)."""
-    torch.manual_seed(1234)
-    args = dict(
-        output_dir="/tmp/fused-gspo-trl-test",
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        max_steps=3,
-        optim="sgd",
-        learning_rate=0.05,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=10,
-        seed=1234,
-        dataloader_num_workers=0,
-    )
-    args.update(kwargs)
-    config = config_cls(**args, **{FLAG: flag})
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=even_words_reward,
-        args=config,
-        train_dataset=prompts_dataset(),
-        processing_class=tokenizer,
-        **(trainer_kwargs or {}),
-    )
-    trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
-    return logs, weights
-
-
-def assert_same_training(off, on, rtol=1e-4, atol=1e-6, initial=None):
-    """Logged losses, gradient norms and metrics, and the trained weights, agree; the weights did move (from
-    ``initial``, by default what ``model_path`` holds)."""
-    logs_off, weights_off = off
-    logs_on, weights_on = on
-    assert len(logs_off) == len(logs_on) > 0
-    for entry_off, entry_on in zip(logs_off, logs_on, strict=True):
-        assert entry_off.keys() == entry_on.keys()
-        for key, value in entry_off.items():
-            if key in TIMINGS:
-                continue
-            if isinstance(value, float) and math.isnan(value):
-                assert math.isnan(entry_on[key]), key
-            elif isinstance(value, (int, float)):
-                assert entry_on[key] == pytest.approx(value, rel=rtol, abs=atol), (key, value, entry_on[key])
-    for name, tensor in weights_off.items():
-        torch.testing.assert_close(weights_on[name], tensor, rtol=rtol, atol=atol, msg=name)
-    if initial is None:
-        initial = tiny_model().state_dict()
-    if initial:
-        moved = [n for n in weights_on if n in initial and not torch.equal(weights_on[n], initial[n])]
-        assert moved, "training should move the weights"
-
-
+# GRPO loss types, sequence-level ratios (GSPO), clipping, KL, accumulation, off-policy iterations, entropy bonus
 GRPO_CASES = {
     "grpo": dict(loss_type="grpo"),
     "gspo_paper": dict(
@@ -241,105 +104,8 @@ def test_rloo_trainer_flag_on_matches_flag_off(tokenizer, model_path, fused_call
     assert_same_training(off, on)
 
 
-def test_flag_is_a_real_dataclass_field():
-    from transformers import HfArgumentParser
-
-    names = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
-    assert FLAG in names
-    (parsed,) = HfArgumentParser(trl.GRPOConfig).parse_args_into_dataclasses(
-        ["--output_dir", "/tmp/x", "--use_cpu", "true", "--report_to", "none", "--use_fused_gspo_loss", "true"]
-    )
-    assert parsed.use_fused_gspo_loss is True and parsed.to_dict()[FLAG] is True
-    assert trl.GRPOConfig(output_dir="/tmp/x", use_cpu=True).use_fused_gspo_loss is False
-    patch_trl()  # idempotent
-    unpatch_trl()
-    assert FLAG not in {f.name for f in dataclasses.fields(trl.GRPOConfig)}
-    with pytest.raises(TypeError):
-        trl.GRPOConfig(output_dir="/tmp/x", use_cpu=True, use_fused_gspo_loss=True)
-    fused_gspo.patch_trl()
-    assert FLAG in {f.name for f in dataclasses.fields(trl.RLOOConfig)}
-
-
-class IndexFilter:
-    """The seed documentation's group filter: scores each completion by its index in the group."""
-
-    def __call__(self, group_completions, group_rewards, **kwargs):
-        return [[float(i) for i in range(len(completions))] for completions in group_completions]
-
-
-class ShortestFilter:
-    """GFPO's concision filter: prefer the shortest completions."""
-
-    def __call__(self, group_completions, group_rewards, **kwargs):
-        return [[-float(len(c.split())) for c in completions] for completions in group_completions]
-
-
-def train_gfpo(tokenizer, model_path, flag, group_filter_func, **kwargs):
-    from fused_gspo.trl import GFPOConfig, GFPOTrainer
-
-    original_init = GFPOTrainer.__init__
-
-    def init_with_filter(self, *args, **kw):
-        original_init(self, *args, group_filter_func=group_filter_func, **kw)
-
-    GFPOTrainer.__init__ = init_with_filter
-    try:
-        return train(GFPOTrainer, GFPOConfig, tokenizer, model_path, flag=flag, **kwargs)
-    finally:
-        GFPOTrainer.__init__ = original_init
-
-
-@pytest.mark.parametrize("group_filter", [IndexFilter(), ShortestFilter()], ids=["index", "shortest"])
-def test_gfpo_trainer_flag_on_matches_flag_off(tokenizer, model_path, fused_calls, group_filter):
-    kwargs = dict(num_remains_in_group=2, loss_type="grpo", scale_rewards="group")
-    off = train_gfpo(tokenizer, model_path, False, group_filter, **kwargs)
-    on = train_gfpo(tokenizer, model_path, True, group_filter, **kwargs)
-    assert fused_calls["loss"] >= 3
-    assert_same_training(off, on)
-
-
-def test_gfpo_filters_and_renormalizes(tokenizer, model_path):
-    """Inside one generation step: kept rows, advantages normalized within the kept completions, token count."""
-    from fused_gspo.trl import GFPOConfig, GFPOTrainer
-
-    args = GFPOConfig(
-        output_dir="/tmp/fused-gspo-gfpo", use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=4,
-        num_generations=4, max_completion_length=10, num_remains_in_group=2, seed=3,
-    )  # fmt: skip
-    trainer = GFPOTrainer(
-        model=model_path, reward_funcs=even_words_reward, args=args, train_dataset=prompts_dataset(),
-        processing_class=tokenizer, group_filter_func=ShortestFilter(),
-    )  # fmt: skip
-    captured = {}
-    original = trainer._calculate_rewards
-
-    def spy(*a, **kw):
-        captured["rewards"] = original(*a, **kw)
-        captured["completions"] = list(a[2])
-        return captured["rewards"]
-
-    trainer._calculate_rewards = spy
-    batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.train()
-    output = trainer._generate_and_score_completions(batch)
-    lengths = torch.tensor([len(c.split()) for c in captured["completions"]], dtype=torch.float32)
-    groups = lengths.numel() // 4
-    assert output["completion_ids"].shape[0] == groups * 2
-    rewards = captured["rewards"].squeeze(1)
-    for g in range(groups):
-        kept = (-lengths[g * 4 : (g + 1) * 4]).topk(2).indices.sort().values + g * 4
-        expected = rewards[kept] - rewards[kept].mean()
-        expected = expected / (rewards[kept].std() + 1e-4)
-        torch.testing.assert_close(output["advantages"][g * 2 : g * 2 + 2], expected, rtol=1e-5, atol=1e-6)
-    assert int(output["num_items_in_batch"]) == int(output["completion_mask"].sum())
-
-
-def test_gfpo_config_validation():
-    from fused_gspo.trl import GFPOConfig
-
-    with pytest.raises(ValueError, match="num_remains_in_group"):
-        GFPOConfig(output_dir="/tmp/x", use_cpu=True, num_generations=4, num_remains_in_group=4)
-    assert GFPOConfig(output_dir="/tmp/x", use_cpu=True, use_fused_gspo_loss=True).use_fused_gspo_loss
+# ---------------------------------------------------------------------------------------------------------------
+# GSPO-token (importance_sampling_level="sequence_token", only with the flag on)
 
 
 def _compare_logs(a, b, keys):
@@ -385,23 +151,13 @@ def test_gspo_token_with_per_token_advantages(tokenizer, model_path, fused_calls
     assert moved > 1e-6, "per-token advantages must make GSPO-token differ from GSPO"
 
 
-def _small(**extra) -> dict:
-    return dict(
-        vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None, **extra,
-    )  # fmt: skip
-
-
-def _with_eos_bias(model):
-    with torch.no_grad():
-        hidden = model.model(torch.randint(3, model.config.vocab_size, (8, 16))).last_hidden_state.mean((0, 1))
-        model.lm_head.weight[model.config.eos_token_id] = 3.5 * hidden / hidden.square().sum()
-    return model
+# ---------------------------------------------------------------------------------------------------------------
+# Model variants: what TRL's fused LM-head forward hands over
 
 
 def tied_model():
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(**_small(tie_word_embeddings=True)))
+    return Qwen2ForCausalLM(Qwen2Config(**small_config(tie_word_embeddings=True)))
 
 
 def biased_head_model():
@@ -419,15 +175,15 @@ def softcapped_model():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    config = Gemma2Config(**_small(head_dim=16, final_logit_softcapping=5.0, tie_word_embeddings=False))
-    return _with_eos_bias(Gemma2ForCausalLM(config))
+    config = Gemma2Config(**small_config(head_dim=16, final_logit_softcapping=5.0, tie_word_embeddings=False))
+    return with_eos_bias(Gemma2ForCausalLM(config))
 
 
 def scaled_logits_model():
     from transformers import CohereConfig, CohereForCausalLM
 
     torch.manual_seed(0)
-    return CohereForCausalLM(CohereConfig(**_small(logit_scale=0.5)))
+    return CohereForCausalLM(CohereConfig(**small_config(logit_scale=0.5)))
 
 
 def moe_model():
@@ -435,14 +191,15 @@ def moe_model():
 
     torch.manual_seed(0)
     config = Qwen2MoeConfig(
-        **_small(
+        **small_config(
             moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
             output_router_logits=True, tie_word_embeddings=False,
         )
     )  # fmt: skip
-    return _with_eos_bias(Qwen2MoeForCausalLM(config))
+    return with_eos_bias(Qwen2MoeForCausalLM(config))
 
 
+# Head variants (tied weights, bias, softcapping, logit scale), the MoE aux loss, and TRL's forward options
 VARIANTS = {
     "tied_embeddings": (tied_model, {}),
     "lm_head_bias": (biased_head_model, {}),
@@ -499,6 +256,10 @@ def test_lora_on_the_lm_head_fails_at_construction(tokenizer):
                         processing_class=tokenizer, peft_config=lora)  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# One _compute_loss call on crafted inputs: what a CPU training run cannot produce
+
+
 def _crafted_inputs(model, B=4, P=3, T=7, seed=0, with_tool_mask=False):
     """A batch shaped like what ``_generate_and_score_completions`` hands to ``_compute_loss``."""
     g = torch.Generator().manual_seed(seed)
@@ -531,6 +292,8 @@ def _crafted_inputs(model, B=4, P=3, T=7, seed=0, with_tool_mask=False):
     return inputs
 
 
+# name: (GRPOConfig keywords, options): vLLM importance ratios (token / sequence shaped), the off-policy mask, tool
+# masks, accumulation and eval normalizers, the other loss types, delta / bias-corrected KL, the entropy controller
 COMPUTE_LOSS_CASES = {
     "vllm_token_ratio": (dict(loss_type="grpo"), dict(use_vllm=True)),
     "vllm_sequence_ratio": (dict(loss_type="bnpo"), dict(use_vllm=True, is_ratio_shape="sequence")),
@@ -551,6 +314,7 @@ COMPUTE_LOSS_CASES = {
 }
 
 
+# every case with TRL's forward handing over every position, and three also with only the completion tokens (packed)
 @pytest.mark.parametrize(
     "case,packed",
     [(case, False) for case in COMPUTE_LOSS_CASES]
@@ -622,3 +386,18 @@ def test_compute_loss_matches_trl_on_the_same_inputs(tokenizer, model_path, fuse
         for key, values in metrics_off[mode].items():
             assert metrics_on[mode][key] == pytest.approx(values, rel=1e-5, abs=1e-7, nan_ok=True), key
     assert state_on == pytest.approx(state_off)
+
+
+def test_torch_compile_flag_on_matches_flag_off(tokenizer, model_path, fused_calls):
+    """GRPOConfig(torch_compile=True): the Trainer compiles the model, and TRL's scoring forward (where the fused loss
+    runs) inside it; the fused code runs eagerly between the compiled regions. ``aot_eager`` stands in for inductor
+    to keep CI's time (the same dynamo and AOTAutograd tracing, no code generation)."""
+    torch._dynamo.reset()
+    kwargs = dict(loss_type="grpo", importance_sampling_level="sequence", torch_compile=True,
+                  torch_compile_backend="aot_eager")  # fmt: skip
+    off = train(trl.GRPOTrainer, trl.GRPOConfig, tokenizer, model_path, flag=False, **kwargs)
+    torch._dynamo.reset()
+    on = train(trl.GRPOTrainer, trl.GRPOConfig, tokenizer, model_path, flag=True, **kwargs)
+    torch._dynamo.reset()
+    assert fused_calls["loss"] >= 3
+    assert_same_training(off, on)

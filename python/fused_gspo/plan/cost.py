@@ -1,0 +1,364 @@
+"""The cost model of the chunked LM head: FLOPs, bytes and time of every stage of every chunk, and the peak memory.
+
+Everything here is arithmetic on shapes; nothing touches a tensor. ``docs/design.md`` ("The chunk schedule and its
+costs") derives the counts; in short, for a chunk of ``n`` tokens against a vocabulary of ``V`` with hidden size
+``H``:
+
+- *projection*: ``y = X_c @ W.T`` into the fp32 workspace: ``2nHV`` FLOPs, reads ``X_c`` and ``W``, writes ``4nV``
+  bytes (plus a read-modify-write of ``y`` when a bias is added);
+- *statistics*: one read of ``y`` (``4nV``), one ``exp`` per logit (two with the softcap's ``tanh``);
+- *objective*: the loss on the rows the chunk touches and its gradient w.r.t. their log-probs: dozens of tiny kernels;
+- *logits gradient*: reads ``y`` and writes ``dL/dy`` (16-bit over the tile's first half for bf16/fp16 inputs on the
+  Triton backend, fp32 in place otherwise), one ``exp`` per logit again;
+- *gradient cast*: only where the gradient is not yet in the GEMMs' operand dtype (the torch backend on CUDA);
+- *dX*: ``dX_c = G @ W``: ``2nHV`` FLOPs, reads ``G`` and ``W``, writes the chunk's own fp32 rows of ``dX``;
+- *dW*: ``dW += G.T @ X_c``: ``2nHV`` FLOPs, reads ``G`` and ``X_c``, and reads and writes the whole fp32 ``dW``
+  (``8VH`` bytes) once per chunk: the term that makes small chunks slow;
+- *bias gradient*: a column sum of ``G``;
+- after the last chunk, *finish* (the objective over the batch and TRL's metrics) and *gradient output* (``dW`` and
+  ``dX`` scaled by the incoming gradient and cast to the inputs' dtype in one pass).
+
+A stage's time is the roofline bound ``max(FLOPs / F, bytes / B, exps / E)`` plus a fixed cost per kernel, with ``F``,
+``B`` and ``E`` from the :class:`DeviceProfile`. The floor is the same model applied to the three bare GEMMs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .devices import DeviceProfile, dtype_key
+
+# Tiny kernels of the per-chunk objective epilogue (placing the chunk's log-probs into its rows, the objective,
+# its autograd backward) and of the final objective + metrics; counted with torch.profiler on the GSPO objective
+# (tests/test_plan_cost.py keeps these honest against a fresh count).
+OBJECTIVE_KERNELS_PER_CHUNK = 45
+FINISH_KERNELS = 65
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The call being planned: ``tokens`` valid tokens, hidden size, vocabulary, the inputs' (promoted) dtype, and
+    which gradients are wanted."""
+
+    tokens: int
+    hidden: int
+    vocab: int
+    dtype: torch.dtype = torch.bfloat16
+    hidden_grad: bool = True
+    weight_grad: bool = True
+    bias: bool = False
+    softcap: bool = False
+
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
+    def wants_grad(self) -> bool:
+        return self.hidden_grad or self.weight_grad
+
+
+@dataclass(frozen=True)
+class ChunkFormat:
+    """How a backend holds one chunk: the dtypes and buffers that decide its bytes.
+
+    ``stats_dtype``: the projection tile's dtype (fp32; fp64 for fp64 inputs). ``temporaries``: extra tile-sized
+    buffers the tile ops allocate. ``grad_dtype``: what the logits-gradient kernel writes (over the tile).
+    ``operand_dtype``: the GEMMs' operand dtype (the inputs' on CUDA, the stats dtype elsewhere); a gradient in another
+    dtype is converted (one more pass and one more buffer). ``convert_hidden``: the hidden chunk is cast for the GEMMs.
+    ``fused_logprobs``: the backend has a no-grad matmul-with-epilogue kernel.
+    """
+
+    stats_dtype: torch.dtype
+    temporaries: int
+    grad_dtype: torch.dtype
+    operand_dtype: torch.dtype
+    convert_hidden: bool = False
+    fused_logprobs: bool = False
+
+    @property
+    def convert_grad(self) -> bool:
+        return self.grad_dtype != self.operand_dtype
+
+    def bytes_per_token(self, vocab: int, hidden: int) -> int:
+        """Workspace bytes one token of a chunk takes: its logits row, the tile ops' temporaries, a converted copy of
+        its gradient row, a converted copy of its hidden row."""
+        row = vocab * _bytes(self.stats_dtype) * (1 + self.temporaries)
+        if self.convert_grad:
+            row += vocab * _bytes(self.operand_dtype)
+        if self.convert_hidden:
+            row += hidden * _bytes(self.operand_dtype)
+        return row
+
+
+@dataclass
+class Stage:
+    """One stage of one chunk (or of the whole call): work, traffic and the number of kernels it launches."""
+
+    name: str
+    flops: float = 0.0
+    bytes: float = 0.0
+    exps: float = 0.0
+    kernels: int = 1
+    operands: str | None = None  # a GEMM's operand key for DeviceProfile.gemm_flops ("bf16", "fp32", "tf32", ...)
+    passes: int = 1  # tensor-core passes per FLOP (3xTF32 dots: three)
+
+    def seconds(self, profile: DeviceProfile) -> tuple[float, str]:
+        """``(time, bound)``: the roofline bound (compute, memory or exp) plus the kernels' fixed cost."""
+        terms = {"memory": self.bytes / profile.stream_bandwidth, "exp": self.exps / profile.exp_rate}
+        if self.flops:
+            terms["compute"] = self.flops * self.passes / profile.gemm_flops(self.operands)
+        bound = max(terms, key=terms.get)
+        fixed = self.kernels * profile.small_kernel_us * 1e-6
+        seconds = terms[bound] + fixed
+        return seconds, ("launch" if fixed > terms[bound] else bound)
+
+
+def _gemm(name, m, n, k, operand_bytes, out_bytes, dtype, *, accumulate=False, extra_bytes=0.0) -> Stage:
+    """``[m, k] @ [k, n]``: reads both operands once, writes (and with ``accumulate`` first reads) the output."""
+    traffic = (m * k + k * n) * operand_bytes + m * n * out_bytes * (2 if accumulate else 1) + extra_bytes
+    return Stage(name, flops=2.0 * m * n * k, bytes=traffic, operands=dtype_key(dtype))
+
+
+def projection(p: Problem, fmt: ChunkFormat, n: int) -> Stage:
+    ob, sb = _bytes(fmt.operand_dtype), _bytes(fmt.stats_dtype)
+    stage = _gemm("projection", n, p.vocab, p.hidden, ob, sb, fmt.operand_dtype)
+    if fmt.convert_hidden:
+        stage.bytes += n * p.hidden * (_bytes(p.dtype) + ob)
+        stage.kernels += 1
+    if p.bias:
+        stage.bytes += 2 * n * p.vocab * sb + p.vocab * _bytes(p.dtype)
+        stage.kernels += 1
+    return stage
+
+
+def statistics(p: Problem, fmt: ChunkFormat, n: int) -> Stage:
+    logits = n * p.vocab
+    return Stage(
+        "statistics",
+        bytes=logits * _bytes(fmt.stats_dtype),
+        exps=logits * (2 if p.softcap else 1),
+        kernels=2,  # the split kernel and the merge of its partials
+    )
+
+
+def objective(kernels: int = OBJECTIVE_KERNELS_PER_CHUNK) -> Stage:
+    return Stage("objective", kernels=kernels)
+
+
+def logits_gradient(p: Problem, fmt: ChunkFormat, n: int) -> Stage:
+    logits = n * p.vocab
+    traffic = logits * (_bytes(fmt.stats_dtype) + _bytes(fmt.grad_dtype))
+    return Stage("logits gradient", bytes=traffic, exps=logits * (2 if p.softcap else 1))
+
+
+def gradient_cast(p: Problem, fmt: ChunkFormat, n: int) -> Stage:
+    logits = n * p.vocab
+    return Stage("gradient cast", bytes=logits * (_bytes(fmt.grad_dtype) + _bytes(fmt.operand_dtype)))
+
+
+def grad_hidden(p: Problem, fmt: ChunkFormat, n: int) -> Stage:
+    acc = _bytes(torch.promote_types(torch.float32, fmt.operand_dtype))
+    # each chunk owns its rows of dX: written once, not accumulated
+    return _gemm("dX", n, p.hidden, p.vocab, _bytes(fmt.operand_dtype), acc, fmt.operand_dtype)
+
+
+def grad_weight(p: Problem, fmt: ChunkFormat, n: int) -> Stage:
+    acc = _bytes(torch.promote_types(torch.float32, fmt.operand_dtype))
+    return _gemm("dW", p.vocab, p.hidden, n, _bytes(fmt.operand_dtype), acc, fmt.operand_dtype, accumulate=True)
+
+
+def grad_bias(p: Problem, fmt: ChunkFormat, n: int) -> Stage:
+    return Stage("bias gradient", bytes=n * p.vocab * _bytes(fmt.operand_dtype))
+
+
+def finish(kernels: int = FINISH_KERNELS) -> Stage:
+    return Stage("finish", kernels=kernels)
+
+
+def gradient_output(p: Problem, fmt: ChunkFormat) -> Stage:
+    """``dW`` and ``dX`` scaled by the incoming gradient and cast to the inputs' dtype, one pass each."""
+    acc = _bytes(torch.promote_types(torch.float32, fmt.operand_dtype))
+    out = _bytes(p.dtype)
+    elements = (p.vocab * p.hidden if p.weight_grad else 0) + (p.tokens * p.hidden if p.hidden_grad else 0)
+    elements += p.vocab if p.bias else 0
+    kernels = int(p.weight_grad) + int(p.hidden_grad) + int(p.bias)
+    return Stage("gradient output", bytes=elements * (acc + out), kernels=kernels)
+
+
+def fused_logprobs(p: Problem) -> Stage:
+    """The no-grad matmul-with-epilogue kernel: the projection's FLOPs, the inputs read once, the statistics in
+    registers."""
+    ob = _bytes(p.dtype)
+    stage = _gemm("fused log-probs", p.tokens, p.vocab, p.hidden, ob, 0, p.dtype)
+    stage.exps = p.tokens * p.vocab * (2 if p.softcap else 1)
+    stage.kernels = 2  # the kernel and the merge of its partials
+    if p.dtype == torch.float32:  # 3xTF32 dots: three TF32 tensor-core passes, still faster than plain FP32
+        stage.operands, stage.passes = "tf32", 3
+    return stage
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Schedules
+
+STRATEGIES = ("single_pass", "two_phase")
+MODES = ("fwd_bwd", "fwd", "logprobs")
+
+
+def chunk_stages(p: Problem, fmt: ChunkFormat, n: int, phase: str) -> list[Stage]:
+    """The stages of one chunk of ``n`` tokens. ``phase``: ``"score"`` (projection and statistics: the two-phase
+    forward), ``"single_pass"`` (everything, the gradient formed on the spot) or ``"recompute"`` (the two-phase
+    backward: the projection again, then the gradient)."""
+    stages = [projection(p, fmt, n)]
+    if phase in ("score", "single_pass"):
+        stages.append(statistics(p, fmt, n))
+    if phase == "single_pass":
+        stages.append(objective())
+    if phase in ("single_pass", "recompute"):
+        stages.append(logits_gradient(p, fmt, n))
+        if fmt.convert_grad:
+            stages.append(gradient_cast(p, fmt, n))
+        if p.hidden_grad:
+            stages.append(grad_hidden(p, fmt, n))
+        if p.weight_grad:
+            stages.append(grad_weight(p, fmt, n))
+        if p.bias:
+            stages.append(grad_bias(p, fmt, n))
+    return stages
+
+
+@dataclass
+class StageRow:
+    """One row of a plan's table: a stage summed over the chunks."""
+
+    name: str
+    flops: float = 0.0
+    bytes: float = 0.0
+    ms: float = 0.0
+    bound: str = ""
+    count: int = 0  # how many times it runs (chunks)
+    _bound_ms: dict = field(default_factory=dict, repr=False)
+
+    def add(self, stage: Stage, profile: DeviceProfile, times: int = 1) -> None:
+        seconds, bound = stage.seconds(profile)
+        self.flops += stage.flops * times
+        self.bytes += stage.bytes * times
+        self.ms += seconds * 1e3 * times
+        self.count += times
+        self._bound_ms[bound] = self._bound_ms.get(bound, 0.0) + seconds * times
+        self.bound = max(self._bound_ms, key=self._bound_ms.get)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "flops": self.flops,
+            "bytes": self.bytes,
+            "ms": self.ms,
+            "bound": self.bound,
+            "count": self.count,
+        }
+
+
+@dataclass
+class Costing:
+    """A schedule's predicted time, summed per stage name (``totals``), from the stages of each chunk phase run
+    (``phases``: one ``(phase, size, stages)`` per run, in order) and of the call's ``tail``."""
+
+    phases: list[tuple[str, int, list[Stage]]]
+    tail: list[Stage]
+    totals: list[StageRow]
+    ms: float
+
+    def per_chunk(self) -> list[list[Stage]]:
+        """Every chunk's stages, in the order they run."""
+        return [stages for _, _, stages in self.phases]
+
+
+def schedule_cost(
+    p: Problem, fmt: ChunkFormat, sizes: list[int], strategy: str, mode: str, profile: DeviceProfile
+) -> Costing:
+    """Predicted cost of running chunks of ``sizes`` tokens with ``strategy`` in ``mode``. Chunks of equal size are
+    costed once."""
+    runs: list[tuple[str, list[int]]] = []
+    tail: list[Stage] = []
+    if mode == "logprobs" and fmt.fused_logprobs:
+        tail.append(fused_logprobs(p))
+    elif mode == "logprobs" or strategy == "two_phase":
+        runs.append(("score", sizes))
+        if mode != "logprobs":
+            tail.append(finish())
+        if mode == "fwd_bwd":
+            runs.append(("recompute", sizes))
+    else:
+        runs.append(("single_pass", sizes))
+        tail.append(finish())
+    if mode == "fwd_bwd" and p.wants_grad:
+        tail.append(gradient_output(p, fmt))
+    totals: dict[str, StageRow] = {}
+    phases = []
+    for phase, run_sizes in runs:
+        stages_of = {n: chunk_stages(p, fmt, n, phase) for n in set(run_sizes)}
+        counts = Counter(run_sizes)
+        for n in sorted(stages_of):
+            for stage in stages_of[n]:
+                totals.setdefault(stage.name, StageRow(stage.name)).add(stage, profile, counts[n])
+        phases += [(phase, n, stages_of[n]) for n in run_sizes]
+    for stage in tail:
+        totals.setdefault(stage.name, StageRow(stage.name)).add(stage, profile)
+    rows = list(totals.values())
+    return Costing(phases, tail, rows, sum(r.ms for r in rows))
+
+
+def floor_cost(p: Problem, mode: str, profile: DeviceProfile) -> Costing:
+    """The bare GEMMs at the same shapes and dtype, unchunked, 16-bit outputs: ``X @ W.T`` (+ ``G @ W`` and
+    ``G.T @ X`` for fwd_bwd). What the benchmark's ``floor`` contender runs."""
+    b = _bytes(p.dtype)
+    stages = [_gemm("projection", p.tokens, p.vocab, p.hidden, b, b, p.dtype)]
+    if mode == "fwd_bwd":
+        stages.append(_gemm("dX", p.tokens, p.hidden, p.vocab, b, b, p.dtype))
+        stages.append(_gemm("dW", p.vocab, p.hidden, p.tokens, b, b, p.dtype))
+    totals = []
+    for stage in stages:
+        total = StageRow(stage.name)
+        total.add(stage, profile)
+        totals.append(total)
+    return Costing([("floor", p.tokens, stages)], [], totals, sum(t.ms for t in totals))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def peak_bytes(p: Problem, fmt: ChunkFormat, widest: int, strategy: str, mode: str, weight_copy: bool) -> int:
+    """Predicted peak of the call above its inputs: the workspace of the widest chunk, the fp32 gradient
+    accumulators, the gradients handed back, a converted copy of the weight (``weight_copy``), and the O(N) per-token
+    statistics."""
+    acc = _bytes(torch.promote_types(torch.float32, fmt.operand_dtype))
+    out = _bytes(p.dtype)
+    workspace = widest * fmt.bytes_per_token(p.vocab, p.hidden)
+    stats = p.tokens * 8 * _bytes(fmt.stats_dtype)  # log-probs, entropies, log-sum-exps, their [B, T] scatters
+    weight = p.vocab * p.hidden * _bytes(fmt.operand_dtype) if weight_copy else 0
+    if mode == "logprobs":
+        return (0 if fmt.fused_logprobs else workspace + weight) + stats
+    grad = mode == "fwd_bwd" or strategy == "single_pass"
+    accumulators = 0
+    outputs = 0
+    if grad and p.weight_grad:
+        accumulators += p.vocab * p.hidden * acc
+        outputs += p.vocab * p.hidden * out
+    if grad and p.hidden_grad:
+        accumulators += p.tokens * p.hidden * acc
+        outputs += p.tokens * p.hidden * out
+    if grad and p.bias:
+        accumulators += p.vocab * acc
+        outputs += p.vocab * out
+    during_chunks = workspace + weight + stats + accumulators
+    at_output = accumulators + outputs + stats if mode == "fwd_bwd" else 0
+    return int(max(during_chunks, at_output))

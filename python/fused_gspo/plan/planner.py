@@ -1,0 +1,251 @@
+"""The planner: which strategy and which chunks, within a workspace budget, by the cost model's prediction.
+
+Candidates are the single pass (when the objective's gradient coupling allows it and every row fits, chunks cut only
+between rows for sequence coupling) and the two phases (score, then recompute for the gradient; chunks anywhere),
+each with the fewest chunks the budget allows and a few more. Chunks are balanced: ``k`` chunks of ``N / k`` tokens
+rather than full chunks and a small tail, so the workspace actually allocated is no larger than it has to be.
+
+On a GPU the candidate with the smallest predicted time wins; a larger budget only adds candidates, so it is never
+predicted slower. The single pass wins at every realistic shape (it saves a whole projection, ``2NHV``); the two
+phases win only where a chunk's projection takes less time than the objective's few dozen tiny kernels per chunk,
+i.e. where everything takes microseconds. On CPU (and under the Triton interpreter) the model's figures are nominal,
+so the rule is fixed: the single pass whenever it is allowed, with the fewest chunks.
+
+The ``"auto"`` budget (:func:`auto_workspace_bytes`) is documented in ``docs/design.md`` ("The default budget").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .cost import ChunkFormat, Costing, Problem, floor_cost, peak_bytes, schedule_cost
+from .devices import DeviceProfile
+
+MIB = 1 << 20
+# On CPU (and under the Triton interpreter) the budget that has always been used: chunks of a few hundred tokens at
+# LLM vocabularies, small enough that the development machines never notice the workspace
+AUTO_CPU_BYTES = 512 * MIB
+# On a GPU: at most this share of the memory free when the call starts (the rest of the step still needs its
+# activations' gradients, the optimizer and the allocator's slack) ...
+AUTO_FREE_FRACTION = 0.25
+# ... and no more than it takes to come within this fraction of the fastest schedule the model knows (no budget)
+AUTO_SLACK = 0.005
+# ... but at least this much, if the device has it: below it the per-chunk fixed costs start to show
+AUTO_MIN_BYTES = 256 * MIB
+# When a named profile is planned for without a device at hand, the share of its memory assumed free
+ASSUMED_FREE_FRACTION = 0.5
+# How many chunk counts past the fewest the budget allows are costed
+EXTRA_CANDIDATES = 3
+
+
+@dataclass
+class ChunkPlan:
+    """What the driver runs: ``strategy`` (``"single_pass"``, ``"two_phase"`` or ``"fused"``: the no-grad kernel),
+    token ``bounds`` ``[(start, stop), ...]`` in the order of the valid tokens, and the prediction behind the choice."""
+
+    strategy: str
+    bounds: list[tuple[int, int]]
+    workspace_bytes: int
+    costing: Costing
+    floor: Costing
+    peak_bytes: int
+    alternatives: dict[str, float] = field(default_factory=dict)  # predicted ms of the best of each strategy
+
+    @property
+    def chunk_tokens(self) -> int:
+        return max((stop - start for start, stop in self.bounds), default=0)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.bounds)
+
+
+def token_bounds(n_tokens: int, chunks: int) -> list[tuple[int, int]]:
+    """``chunks`` ranges covering ``[0, n_tokens)``, sizes differing by at most one."""
+    if n_tokens == 0:
+        return []
+    chunks = max(1, min(chunks, n_tokens))
+    base, extra = divmod(n_tokens, chunks)
+    bounds, start = [], 0
+    for i in range(chunks):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def row_bounds(row_counts: Sequence[int], capacity: int) -> list[tuple[int, int]]:
+    """Greedy ranges of whole rows (rows of ``row_counts`` valid tokens, in order) of at most ``capacity`` tokens:
+    the fewest chunks that cut only between rows. Empty rows never start a chunk."""
+    bounds, start, end = [], 0, 0
+    for count in row_counts:
+        if count > capacity:
+            raise ValueError(f"a row of {count} tokens does not fit chunks of {capacity}")
+        if end + count - start > capacity:
+            bounds.append((start, end))
+            start = end
+        end += count
+    if end > start:
+        bounds.append((start, end))
+    return bounds
+
+
+def balanced_row_bounds(row_counts: Sequence[int], chunks: int, capacity: int) -> list[tuple[int, int]]:
+    """Whole-row ranges, at most ``chunks`` of them if ``capacity`` allows, with the widest as narrow as possible
+    (binary search over the capacity handed to :func:`row_bounds`)."""
+    lo, hi = max(max(row_counts, default=0), 1), capacity
+    if len(row_bounds(row_counts, hi)) > chunks:
+        return row_bounds(row_counts, hi)
+    while lo < hi:  # greedy packing never needs more chunks for a larger capacity
+        mid = (lo + hi) // 2
+        if len(row_bounds(row_counts, mid)) <= chunks:
+            hi = mid
+        else:
+            lo = mid + 1
+    return row_bounds(row_counts, lo)
+
+
+def capacity_tokens(problem: Problem, fmt: ChunkFormat, workspace_bytes: int) -> int:
+    """Tokens per chunk the budget holds."""
+    return workspace_bytes // fmt.bytes_per_token(problem.vocab, problem.hidden)
+
+
+def _sizes(bounds):
+    return [stop - start for start, stop in bounds]
+
+
+def candidates(
+    problem: Problem, fmt: ChunkFormat, coupling: str, row_counts: Sequence[int] | None, capacity: int, mode: str
+):
+    """Every ``(strategy, bounds)`` the planner costs."""
+    n = problem.tokens
+    if n == 0:
+        return [("single_pass" if mode != "logprobs" else "two_phase", [])]
+    if mode == "logprobs" and fmt.fused_logprobs:
+        return [("fused", [])]
+    fewest = -(-n // capacity)
+    out = [("two_phase", token_bounds(n, k)) for k in range(fewest, min(fewest + EXTRA_CANDIDATES, n) + 1)]
+    if mode == "logprobs" or coupling == "global":
+        return out
+    if coupling == "token":
+        single = [token_bounds(n, k) for k in range(fewest, min(fewest + EXTRA_CANDIDATES, n) + 1)]
+    else:
+        counts = list(row_counts)
+        if max(counts, default=0) > capacity:
+            return out  # a row longer than the workspace: only two phases can score it
+        rows = sum(1 for c in counts if c)
+        greedy = len(row_bounds(counts, capacity))
+        single = [
+            balanced_row_bounds(counts, k, capacity) for k in range(greedy, min(greedy + EXTRA_CANDIDATES, rows) + 1)
+        ]
+    return [("single_pass", b) for b in single] + out
+
+
+def choose(
+    problem: Problem,
+    fmt: ChunkFormat,
+    *,
+    coupling: str,
+    row_counts: Sequence[int] | None,
+    workspace_bytes: int,
+    profile: DeviceProfile,
+    mode: str,
+    weight_copy: bool = False,
+) -> ChunkPlan:
+    """The plan with the smallest predicted time among :func:`candidates` within ``workspace_bytes``.
+
+    ``coupling``: ``"token"``, ``"sequence"`` or ``"global"`` (:func:`fused_gspo.objectives.gradient_coupling`).
+    ``row_counts``: valid tokens per row, in order (needed for sequence coupling). ``mode``: ``"fwd_bwd"``, ``"fwd"``
+    (the forward of a training step: chosen as for ``"fwd_bwd"``, costed as its forward) or ``"logprobs"`` (no
+    gradient). ``alternatives`` hold each strategy's best time in the mode that decided. Raises ``ValueError`` when
+    the budget cannot hold one token's logits row.
+    """
+    if coupling not in ("token", "sequence", "global"):
+        raise ValueError(f"coupling must be 'token', 'sequence' or 'global', got {coupling!r}")
+    if coupling == "sequence" and row_counts is None:
+        raise ValueError("row_counts are needed to plan chunks that cut only between rows")
+    needs_workspace = problem.tokens > 0 and not (mode == "logprobs" and fmt.fused_logprobs)
+    capacity = capacity_tokens(problem, fmt, workspace_bytes)
+    if needs_workspace and capacity < 1:
+        row = fmt.bytes_per_token(problem.vocab, problem.hidden)
+        raise ValueError(
+            f"workspace_bytes={workspace_bytes} cannot hold one token's logits row ({row} bytes at V={problem.vocab})"
+        )
+    # a training step's forward is planned for the whole step (the single pass does the backward's work early)
+    decide_by = "fwd_bwd" if mode == "fwd" else mode
+    scored = []
+    alternatives: dict[str, float] = {}
+    for strategy, bounds in candidates(problem, fmt, coupling, row_counts, max(capacity, 1), mode):
+        costing = schedule_cost(problem, fmt, _sizes(bounds), strategy, decide_by, profile)
+        alternatives[strategy] = min(alternatives.get(strategy, float("inf")), costing.ms)
+        scored.append((costing.ms, strategy, bounds, costing))
+    if profile.is_gpu:
+        _, strategy, bounds, costing = min(scored, key=lambda s: s[0])
+    else:  # candidates come single pass first, fewest chunks first
+        _, strategy, bounds, costing = scored[0]
+    if decide_by != mode:
+        costing = schedule_cost(problem, fmt, _sizes(bounds), strategy, mode, profile)
+    widest = max(_sizes(bounds), default=0)
+    return ChunkPlan(
+        strategy=strategy,
+        bounds=bounds,
+        workspace_bytes=workspace_bytes,
+        costing=costing,
+        floor=floor_cost(problem, mode, profile),
+        peak_bytes=peak_bytes(problem, fmt, widest, strategy, mode, weight_copy),
+        alternatives=alternatives,
+    )
+
+
+def auto_workspace_bytes(
+    problem: Problem,
+    fmt: ChunkFormat,
+    *,
+    coupling: str,
+    row_counts: Sequence[int] | None,
+    profile: DeviceProfile,
+    mode: str,
+    free_bytes: float | None = None,
+) -> int:
+    """The default budget (``workspace_bytes="auto"``).
+
+    On CPU: :data:`AUTO_CPU_BYTES`. On a GPU: the smallest budget whose predicted time is within :data:`AUTO_SLACK`
+    of the fastest plan with no budget at all, but at least :data:`AUTO_MIN_BYTES` and at most
+    :data:`AUTO_FREE_FRACTION` of ``free_bytes`` (default: :data:`ASSUMED_FREE_FRACTION` of the profile's memory).
+    """
+    if not profile.is_gpu:
+        return AUTO_CPU_BYTES
+    mode = "fwd_bwd" if mode == "fwd" else mode  # as choose() decides
+    if free_bytes is None:
+        free_bytes = ASSUMED_FREE_FRACTION * profile.memory_bytes
+    row = fmt.bytes_per_token(problem.vocab, problem.hidden)
+    cap = max(int(AUTO_FREE_FRACTION * free_bytes), row)
+    if problem.tokens == 0 or (mode == "logprobs" and fmt.fused_logprobs):
+        return max(min(AUTO_MIN_BYTES, cap), row)
+
+    def plan_for(tokens_per_chunk: int) -> ChunkPlan:
+        return choose(
+            problem,
+            fmt,
+            coupling=coupling,
+            row_counts=row_counts,
+            workspace_bytes=tokens_per_chunk * row,
+            profile=profile,
+            mode=mode,
+        )
+
+    whole = problem.tokens
+    if coupling == "sequence" and row_counts:
+        whole = max(whole, max(row_counts))
+    target = plan_for(whole).costing.ms * (1 + AUTO_SLACK)
+    # The predicted time falls as chunks grow: binary search for the smallest chunk within the slack
+    lo, hi = 1, whole
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if plan_for(mid).costing.ms <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    budget = max(lo * row, min(AUTO_MIN_BYTES, cap))
+    return int(min(budget, cap))

@@ -1,0 +1,81 @@
+"""The contract between the chunked driver and a backend: what turns one chunk's projection into statistics, and
+statistics into the logits gradient.
+
+A chunk is ``n`` tokens against the whole vocabulary. The driver projects it into a ``[n, V]`` tile of the stats
+dtype (float32; float64 for float64 inputs), calls :meth:`TileOps.forward` for the per-token statistics, asks the
+objective for ``dL/dlogp`` and ``dL/dentropy``, then calls :meth:`TileOps.backward_`, which overwrites the tile with
+``dL/dy`` for the two gradient GEMMs. ``docs/design.md`` ("Strategy") explains the schedule around these calls.
+
+Two implementations: :class:`fused_gspo.head.TorchTileOps` (plain PyTorch, the ``"torch"`` backend) and
+:class:`fused_gspo.triton_ops.TritonTileOps` (Triton kernels, the ``"triton"`` backend).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .head import HeadParams
+
+
+@runtime_checkable
+class TileOps(Protocol):
+    """What a backend provides to :mod:`fused_gspo.chunked`."""
+
+    #: The backend's name (``"torch"``, ``"triton"``).
+    name: str
+    #: How many extra ``[n, V]`` stats-dtype buffers :meth:`forward` / :meth:`backward_` allocate next to the tile;
+    #: the planner counts them in the workspace.
+    temporaries: int
+
+    @staticmethod
+    def grad_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+        """The dtype :meth:`backward_` writes ``dL/dy`` in, for inputs of ``compute_dtype``: the stats dtype, or the
+        inputs' own 16-bit dtype when the backend writes the GEMM operand directly."""
+        ...
+
+    @staticmethod
+    def forward(
+        y: torch.Tensor, targets: torch.Tensor, head: HeadParams
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``y``: ``[n, V]`` projection (stats dtype, left unchanged); ``targets``: ``[n]`` int64.
+        Returns ``(logp, entropy, lse)``, each ``[n]`` in the stats dtype."""
+        ...
+
+    @staticmethod
+    def backward_(
+        y: torch.Tensor,
+        targets: torch.Tensor,
+        lse: torch.Tensor,
+        entropy: torch.Tensor,
+        grad_logp: torch.Tensor | None,
+        grad_entropy: torch.Tensor | None,
+        head: HeadParams,
+        grad_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Overwrite the tile ``y`` with ``dL/dy`` and return it as a ``[n, V]`` tensor of ``grad_dtype`` (the value
+        :meth:`grad_dtype` gave) over ``y``'s storage: ``y`` itself, or a 16-bit view with row stride ``2V``.
+        ``grad_logp`` / ``grad_entropy``: ``[n]`` upstream gradients, or None for a term the loss does not have."""
+        ...
+
+
+class FusedLogProbs(Protocol):
+    """Optional: a no-grad kernel scoring tokens straight from the head's input (the ``old``/``ref`` log-prob
+    pass), which never writes a tile at all. A backend offers it as ``ops.fused_logprobs``."""
+
+    @staticmethod
+    def fused_logprobs(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, head: HeadParams
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logp, entropy, lse)`` ``[N]`` of ``targets`` under ``hidden [N, H] @ weight.T + bias``, no gradient."""
+        ...
+
+
+def stats_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a chunk's tile and statistics for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def has_fused_logprobs(ops) -> bool:
+    return callable(getattr(ops, "fused_logprobs", None))
