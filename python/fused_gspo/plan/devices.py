@@ -23,7 +23,7 @@ GB = 1e9
 TERA = 1e12
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per device model (planner caches key on it)
 class DeviceProfile:
     """Peaks of one device model, and how much of them kernels reach."""
 

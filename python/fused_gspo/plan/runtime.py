@@ -84,22 +84,38 @@ def plan_call(
         hidden=hidden.shape[1],
         vocab=weight.shape[0],
         dtype=compute_dtype,
-        hidden_grad=needs[0],
-        weight_grad=needs[1],
+        hidden_grad=bool(needs[0]),
+        weight_grad=bool(needs[1]),
         bias=bias is not None,
         softcap=softcap,
     )
     fmt = chunk_format(ops, compute_dtype, hidden.device.type == "cuda", hidden.dtype)
-    profile = device_profile(hidden.device)
+    free = free_device_bytes(hidden.device) if workspace_bytes == "auto" else None
+    if free is not None:  # the auto budget moves with free memory; planning again for every MiB is not worth it
+        free = float(int(free) >> _FREE_ROUNDING_BITS << _FREE_ROUNDING_BITS)
+    return _plan(
+        problem,
+        fmt,
+        device_profile(hidden.device),
+        workspace_bytes,
+        coupling,
+        None if row_counts is None else tuple(row_counts),
+        mode,
+        weight.dtype != fmt.operand_dtype,
+        free,
+    )
+
+
+# free memory is rounded down to 256 MiB for the plan cache
+_FREE_ROUNDING_BITS = 28
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(problem, fmt, profile, workspace_bytes, coupling, row_counts, mode, weight_copy, free) -> ChunkPlan:
+    """The plan of one call (cached: a training loop asks again and again for the same shapes)."""
     if workspace_bytes == "auto":
         workspace_bytes = auto_workspace_bytes(
-            problem,
-            fmt,
-            coupling=coupling,
-            row_counts=row_counts,
-            profile=profile,
-            mode=mode,
-            free_bytes=free_device_bytes(hidden.device),
+            problem, fmt, coupling=coupling, row_counts=row_counts, profile=profile, mode=mode, free_bytes=free
         )
     return choose(
         problem,
@@ -109,5 +125,5 @@ def plan_call(
         workspace_bytes=int(workspace_bytes),
         profile=profile,
         mode=mode,
-        weight_copy=weight.dtype != fmt.operand_dtype,
+        weight_copy=weight_copy,
     )
