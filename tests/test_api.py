@@ -66,6 +66,7 @@ def _check_metrics(metrics, ref_metrics, tol, one_token):
             assert abs(value - ref) <= tol * max(1.0, abs(ref)), (key, value, ref)
 
 
+# every backend in the dtypes it serves, each against the float64 eager path on the same rounded inputs
 @pytest.mark.parametrize(
     "backend,dtype,tol",
     [
@@ -116,6 +117,7 @@ def test_backend_matches_float64_reference(backend, dtype, tol, objective, shape
 # Degenerate inputs
 
 
+# the reference and the chunked path: token-, sequence- and RLOO/GMPO-level normalizers with nothing to score
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo", "dr_grpo", "gmpo", "rloo"])
 def test_no_valid_token_gives_zero_gradients(backend, loss_type):
@@ -129,6 +131,7 @@ def test_no_valid_token_gives_zero_gradients(backend, loss_type):
     assert out.metrics["entropy"] == 0.0
 
 
+# a single valid token: the smallest chunk, one row
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_one_token(backend):
     problem = draw_problem(1, 1, 5, 7, seed=2)
@@ -166,6 +169,7 @@ def test_vocabulary_of_256k():
         assert rel_err(g, r) < max(1e-5, 1.5 * rel_err(e, r))
 
 
+# strided views and a bf16 hidden with an fp32 head, through the reference and the chunked path
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_non_contiguous_and_mixed_dtype_inputs(backend):
     problem = draw_problem(3, 6, 10, 23, seed=6, with_ref=True, with_bias=True)
@@ -210,6 +214,7 @@ def test_non_contiguous_and_mixed_dtype_inputs(backend):
     assert rel_err(mixed.loss, ref.loss) < 1e-2
 
 
+# both gradient paths (input embedding and LM head) land in one shared weight
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_tied_embeddings(backend):
     """The LM head shares its weight with the input embedding: both gradient paths must land in it."""
@@ -235,6 +240,7 @@ def test_tied_embeddings(backend):
 # fused_logprobs and the module
 
 
+# any leading shape of targets, vocabularies down to one entry, with and without a softcap
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 @given(
     shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
@@ -299,6 +305,7 @@ def test_module_holds_its_config():
         fused_gspo.FusedPolicyLoss(backend="gpu")
 
 
+# [n, H] hidden states of the valid tokens only, an empty row included
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_packed_hidden_equals_padded(backend):
     problem = draw_problem(3, 6, 8, 21, seed=12, empty_row=True)
@@ -315,6 +322,7 @@ def test_packed_hidden_equals_padded(backend):
     assert rel_err(packed.policy_loss, out.policy_loss) < 1e-6
 
 
+# the no-grad pass: the torch chunks, and Triton's matmul-with-epilogue kernel
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_old_and_ref_logprob_pass_without_grad(backend):
     """Under no_grad the triton backend takes its matmul-with-epilogue kernel; every backend matches the reference."""
@@ -331,6 +339,7 @@ def test_old_and_ref_logprob_pass_without_grad(backend):
     assert all(rel_err(g.cpu(), r) < 1e-5 for g, r in zip(got, ref, strict=True))
 
 
+# no atomics: the same bits twice, for both chunked backends
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_results_are_deterministic(backend):
     """Same inputs, same bits: no atomics, no order-dependent reductions."""
@@ -398,6 +407,7 @@ def _pack(problem: dict, seed: int):
     return padded, out, positions
 
 
+# the float64 reference exactly, the chunked backends in float32 with chunks of 1-4 tokens
 @pytest.mark.parametrize("backend,dtype,tol", [("eager", torch.float64, 1e-10), ("torch", torch.float32, 1e-5),
                                                ("triton", torch.float32, 1e-5)])  # fmt: skip
 @settings(max_examples=25)

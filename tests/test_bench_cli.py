@@ -103,6 +103,7 @@ def test_workspace_bytes_reaches_every_fused_contender_and_the_plan(tmp_path, mo
     assert all(r["check"]["status"] == "pass" for r in report["runs"][0]["results"])
 
 
+# each option's bad value exits with status 2 and a message naming it
 @pytest.mark.parametrize(
     "argv, message",
     [

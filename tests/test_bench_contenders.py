@@ -34,6 +34,7 @@ def small_inputs(cfg: PolicyLossConfig, dtype=torch.float32, valid_frac=1.0, see
     return bench.make_inputs(shape, cfg, torch.device("cpu"), seed=seed, valid_frac=valid_frac)
 
 
+# pytest-benchmark timings of fwd+bwd at a tiny shape for the reference and the chunked backend
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_fwd_bwd_benchmark(benchmark, backend):
     cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence")
@@ -58,6 +59,7 @@ def test_unavailable_backend_is_reported(tmp_path, monkeypatch):
         assert results["floor", mode]["status"] == "ok"
 
 
+# objectives Liger has no code for are reported as unsupported, not run wrong
 @pytest.mark.parametrize(
     "objective, reason",
     [(["--level", "sequence_token"], "sequence_token"), (["--loss-type", "gmpo", "--level", "token"], "gmpo")],
@@ -75,6 +77,7 @@ def test_torch_lce_is_a_default_contender():
 
 
 @needs_lce
+# objectives torch_lce can compute, in fp32 and bf16
 @pytest.mark.parametrize(
     "cfg, dtype",
     [
@@ -110,6 +113,7 @@ def test_torch_lce_logprobs_are_minus_the_cross_entropy():
     assert (logps <= 0).all()
 
 
+# what torch_lce lacks (entropy, softcap, a logit scale that is not a power of two) is reported
 @pytest.mark.parametrize(
     "overrides, reason",
     [

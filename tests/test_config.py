@@ -13,6 +13,7 @@ def _good():
     return problem, None
 
 
+# one bad field each, and the option combinations TRL's trainers refuse
 @pytest.mark.parametrize(
     "cfg,match",
     [

@@ -31,6 +31,7 @@ def test_tile_forward_matches_log_softmax(head, n, vocab, seed):
     assert rel_err(lse, torch.logsumexp(z, -1)) < 1e-12
 
 
+# each upstream term alone and both together
 @pytest.mark.parametrize("terms", ["logp", "entropy", "both"])
 @given(head=heads, n=st.integers(1, 6), vocab=st.integers(1, 50), seed=st.integers(0, 2**31 - 1))
 def test_tile_backward_matches_autograd(terms, head, n, vocab, seed):

@@ -345,6 +345,7 @@ def _grpo_case(p, loss_type, level, overrides, opts):
     return cfg, logps, entropy, inputs, batch, num_items, is_ratio is not None
 
 
+# every GRPO-family loss type x importance-sampling level x scenario (KL, vLLM ratios, masks, accumulation, ...)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("level", TRL_LEVELS)
 @pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
@@ -370,6 +371,7 @@ GMPO_SCENARIOS = {
 }
 
 
+# GMPO's scenarios: on- and off-policy, KL, the entropy quantile, accumulation
 @pytest.mark.parametrize("scenario", list(GMPO_SCENARIOS))
 @given(p=problems())
 def test_gmpo_matches_trl(scenario, p):
@@ -394,6 +396,7 @@ def test_gmpo_matches_trl(scenario, p):
 # ----------------------------------------------------------------------------------------------------- RLOOTrainer
 
 
+# RLOO's old log-probs as per-sequence sums, per token, or on-policy
 @pytest.mark.parametrize("old_form", ["sums", "per_token", "on_policy"])
 @pytest.mark.parametrize(
     "overrides", [{}, {"epsilon_high": 0.28, "gradient_accumulation_steps": 4}], ids=["plain", "eps_high_accumulation"]
@@ -498,6 +501,7 @@ GSPO_TOKEN_SCENARIOS = {
 }
 
 
+# GSPO-token against its definition, every clipped loss type and scenario
 @pytest.mark.parametrize("scenario", list(GSPO_TOKEN_SCENARIOS))
 @pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
 @given(p=problems())
@@ -519,6 +523,7 @@ def test_gspo_token_matches_its_definition(loss_type, scenario, p):
 GSPO_TOKEN_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
 
+# with sequence advantages GSPO-token's gradient is GSPO's, with or without an uncorrected KL
 @pytest.mark.parametrize("kl", ["none", "uncorrected"])
 @pytest.mark.parametrize("loss_type", GSPO_TOKEN_LOSS_TYPES)
 @given(p=problems())
@@ -533,6 +538,7 @@ def test_gspo_token_equals_gspo_with_sequence_advantages(loss_type, kl, p):
     _assert_close(grad, trl_grad, "dL/dlogps")
 
 
+# with per-token advantages it is not
 @pytest.mark.parametrize("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo", "sapo", "luspo"))
 @given(p=problems())
 def test_gspo_token_differs_from_gspo_with_token_advantages(loss_type, p):
@@ -557,6 +563,7 @@ def test_gspo_token_differs_from_gspo_with_token_advantages(loss_type, p):
 # ------------------------------------------------------------------------------------------------ entropy quantile
 
 
+# quantiles that keep most, half and few of the tokens
 @pytest.mark.parametrize("quantile", [0.2, 0.6, 0.75])
 @given(p=problems(), seed=st.integers(0, 2**31 - 1))
 def test_high_entropy_mask_matches_trl(quantile, p, seed):

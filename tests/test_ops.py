@@ -59,6 +59,7 @@ CASES = {
 }
 
 
+# one objective per strategy (see CASES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_compiled_step_is_one_graph_and_matches_eager(case):
     cfg_kwargs, opts = CASES[case]

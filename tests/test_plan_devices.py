@@ -6,6 +6,7 @@ import torch
 from fused_gspo.plan import devices
 
 
+# every GPU in the table
 @pytest.mark.parametrize("name", sorted(devices.PROFILES))
 def test_every_profile_is_complete_and_plausible(name):
     p = devices.PROFILES[name]

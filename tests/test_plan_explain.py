@@ -17,6 +17,7 @@ GSPO = dict(loss_type="grpo", importance_sampling_level="sequence")
 DAPO = dict(loss_type="dapo", epsilon_high=0.28)
 
 
+# the issue's two objectives at the reference shape
 @pytest.mark.parametrize("objective", [GSPO, DAPO], ids=["gspo", "dapo"])
 def test_h100_reference_shape_meets_the_plan_targets(objective):
     """Default budget: chunks of at least 2,048 tokens, predicted <= 1.15x the bare GEMMs; 512 MiB: <= 1.35x; the
@@ -42,6 +43,7 @@ def test_h100_reference_shape_with_512_mib(objective, on_policy):
     assert small.chunk_tokens * REF["vocab"] * 4 <= 512 << 20 and small.num_chunks == 10
 
 
+# every profile name and alias, in every mode
 @pytest.mark.parametrize("device", sorted(set(PROFILES) | set(ALIASES)))
 @pytest.mark.parametrize("mode", ["fwd_bwd", "fwd", "logprobs"])
 def test_every_profile_explains_on_this_machine(device, mode):

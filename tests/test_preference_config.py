@@ -34,6 +34,7 @@ def _trl_defaults(config_class) -> dict:
     return out
 
 
+# each config class against the TRL config it mirrors
 @pytest.mark.parametrize(
     "ours,theirs,minimum",
     [(DPOLossConfig, trl.DPOConfig, 9), (CPOLossConfig, CPOConfig, 6)],
@@ -80,6 +81,7 @@ def test_alphapo_is_cpo_configs_shorthand():
     assert not CPOLossConfig(loss_type="hinge").averages_log_probs
 
 
+# one bad DPO option each, and the combinations TRL refuses or cannot compute
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -130,6 +132,7 @@ def test_trl_trainer_checks_are_ours():
                 DPOLossConfig(loss_type=other, f_divergence_type=kind)
 
 
+# one bad CPO option each
 @pytest.mark.parametrize(
     "kwargs,match",
     [

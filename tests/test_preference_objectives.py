@@ -283,6 +283,7 @@ DPO_SCENARIOS = {
 }  # fmt: skip
 
 
+# every DPO loss type, combination and option (see DPO_SCENARIOS)
 @pytest.mark.parametrize("scenario", list(DPO_SCENARIOS))
 @given(p=pairs())
 def test_dpo_matches_trl(scenario, p):
@@ -331,6 +332,7 @@ def test_dpo_alpha_divergence_float64_is_the_float32_function(p):
     _assert_close(losses[0], losses[1], "float64 vs float32", rel=2e-5)
 
 
+# junk at masked positions changes nothing, for a DPO and a CPO loss
 @pytest.mark.parametrize(
     "cfg",
     [DPOLossConfig(loss_type=["sigmoid", "sft", "ipo"], ld_alpha=0.5, use_weighting=False), CPOLossConfig("simpo")],
@@ -415,6 +417,7 @@ CPO_SCENARIOS = {
 }
 
 
+# every CPO loss type and option (see CPO_SCENARIOS), in train and eval
 @pytest.mark.parametrize("scenario", list(CPO_SCENARIOS))
 @given(p=cpo_problems(), train_eval=st.sampled_from(["train", "eval"]))
 def test_cpo_matches_trl(scenario, p, train_eval):
@@ -448,6 +451,7 @@ def test_cpo_matches_trl(scenario, p, train_eval):
 # ------------------------------------------------------------------------------------------------------- statistics
 
 
+# the eager statistics against TRL's fused head, with scale, softcap, temperature, bias and ties
 @pytest.mark.parametrize(
     "head", [{}, {"temperature": 0.7, "logit_scale": 0.5}, {"softcap": 3.0, "temperature": 1.3, "bias": True}]
 )
@@ -501,6 +505,7 @@ COUPLING_CONFIGS = {
 }
 
 
+# every config said to be pair-coupled
 @pytest.mark.parametrize("name", list(COUPLING_CONFIGS))
 @given(p=pairs())
 def test_pair_coupling_is_what_it_claims(name, p):
@@ -525,6 +530,7 @@ def test_pair_coupling_is_what_it_claims(name, p):
     torch.testing.assert_close(grad_of_pair0(p["logps"]), grad_of_pair0(other), rtol=1e-12, atol=1e-15)
 
 
+# the two sorting loss types, the only global ones
 @pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
 def test_aot_gradient_depends_on_other_pairs(loss_type):
     """The sort makes "global" real: swapping which pair has the larger log-ratio moves pair 0's gradient."""
@@ -561,6 +567,7 @@ def _with(batch, **changes):
     return PreferenceBatch(**{**batch.__dict__, **changes})
 
 
+# one bad DPO input each
 @pytest.mark.parametrize(
     "change,match",
     [

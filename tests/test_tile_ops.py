@@ -8,6 +8,7 @@ from fused_gspo.tile_ops import TileOps, has_fused_logprobs, stats_dtype_for
 from fused_gspo.triton_ops import TritonTileOps
 
 
+# both backends' tile ops
 @pytest.mark.parametrize("ops", [TorchTileOps, TritonTileOps], ids=["torch", "triton"])
 def test_both_backends_implement_the_contract(ops):
     assert isinstance(ops, TileOps)  # the classes themselves, with static methods, are the ops

@@ -93,6 +93,7 @@ def test_flag_is_a_real_dataclass_field():
     assert FLAG in {f.name for f in dataclasses.fields(trl.RLOOConfig)}
 
 
+# TRL's three config classes that get the flag
 @pytest.mark.parametrize("name", CONFIG_CLASSES)
 def test_field_on_each_config_class(name):
     cls = config_class(name)
@@ -218,6 +219,7 @@ def bare_subclass() -> type:
 PLAIN_CLASSES = {"annotated": lambda: Annotated, "bare_subclass": bare_subclass, "frozen": lambda: Frozen}
 
 
+# plain dataclasses with and without their own annotations, and a frozen one
 @pytest.mark.parametrize("kind", list(PLAIN_CLASSES))
 def test_plain_dataclass_gets_the_field_and_is_restored_exactly(scratch_classes, kind):
     cls = PLAIN_CLASSES[kind]()
@@ -265,6 +267,7 @@ def test_add_flag_field_is_idempotent_on_a_plain_dataclass(scratch_classes):
     assert "__annotations__" not in cls.__dict__ and FLAG not in cls.__dataclass_fields__
 
 
+# the same three kinds of dataclass
 @pytest.mark.parametrize("kind", list(PLAIN_CLASSES))
 def test_flag_takes_part_in_equality_repr_and_signature(scratch_classes, kind):
     cls = PLAIN_CLASSES[kind]()

@@ -175,6 +175,7 @@ TRAINER_ERRORS = {
 }  # fmt: skip
 
 
+# the GFPO trainer's argument checks (see TRAINER_ERRORS)
 @pytest.mark.parametrize("case", list(TRAINER_ERRORS))
 def test_gfpo_trainer_validation(tokenizer, model_path, case):
     overrides, kwargs, error, match = TRAINER_ERRORS[case]

@@ -69,6 +69,7 @@ GRPO_CASES = {
 }
 
 
+# GRPO's loss types and TRL options, flag off against on (see GRPO_CASES)
 @pytest.mark.parametrize("case", list(GRPO_CASES))
 def test_grpo_trainer_flag_on_matches_flag_off(tokenizer, model_path, fused_calls, case):
     kwargs = GRPO_CASES[case]
@@ -211,6 +212,7 @@ VARIANTS = {
 }
 
 
+# model-side variants: tied embeddings, bias, softcap, logit scale, MoE, checkpointing, fp32 head
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_model_variants_flag_on_matches_flag_off(tokenizer, fused_calls, variant):
     factory, extra = VARIANTS[variant]

@@ -12,6 +12,7 @@ def _good():
     return {k: v for k, v in problem.items() if k not in ("ref_logps",)}, problem["ref_logps"]
 
 
+# one bad input each: wrong shape, dtype or value (a token id out of range, a mask that is not 0/1)
 @pytest.mark.parametrize(
     "change,error,match",
     [

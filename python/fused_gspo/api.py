@@ -27,6 +27,10 @@ def _through_module(head: nn.Module, fn, *args):
     """``fn(*args)`` run as ``head``'s forward, so that whatever hooks the module sees the call: FSDP2 unshards the
     head's parameters before it, reshards them after, and reduce-scatters their gradients in the backward, exactly as
     for ``head(hidden)``. ``fn`` reads ``head.weight`` / ``head.bias`` inside, where they are the full tensors."""
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace swapping a module's forward; compiled, the head is read directly (FSDP2 under
+        # torch.compile is not supported here)
+        return fn(*args)
     if "forward" in head.__dict__:
         raise RuntimeError(f"{type(head).__name__} already has an instance-level forward; pass its weight instead")
     head.forward = fn
@@ -115,7 +119,7 @@ def fused_policy_loss(
                 backend=backend,
             ))  # fmt: skip
             loss = result[0].loss  # the one output the module's backward hooks need (as a view, they warn)
-            return loss.clone() if loss._is_view() else loss
+            return loss.clone() if not torch.compiler.is_compiling() and loss._is_view() else loss
 
         result[0].loss = _through_module(head, forward, hidden)
         return result[0]
@@ -187,7 +191,8 @@ def fused_logprobs(
                 temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
                 return_entropy=True, backend=backend, workspace_bytes=workspace_bytes,
             )  # fmt: skip
-            return tuple(t.clone() if t._is_view() else t for t in flat)  # module hooks warn about views
+            # module hooks warn about views (not traced: dynamo has no _is_view)
+            return flat if torch.compiler.is_compiling() else tuple(t.clone() if t._is_view() else t for t in flat)
 
         logp, entropy = (t.view(targets.shape) for t in _through_module(head_module, forward, hidden))
         return (logp, entropy) if return_entropy else logp
