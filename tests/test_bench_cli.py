@@ -8,22 +8,10 @@ import sys
 
 import pytest
 import torch
+from bench_helpers import results_of, run_main
 
 from fused_gspo import bench
 from fused_gspo.bench import cli, contenders
-
-TINY = ["--tokens", "64", "--hidden", "32", "--vocab", "384", "--seq-len", "16", "--device", "cpu"]
-FAST = ["--repeats", "2", "--warmup", "0"]
-
-
-def run_main(tmp_path, *args: str) -> dict:
-    path = tmp_path / "bench.json"
-    assert bench.main([*TINY, *FAST, *args, "--json", str(path)]) == 0
-    return json.loads(path.read_text())
-
-
-def results_of(report: dict, run: int = 0) -> dict[tuple[str, str], dict]:
-    return {(r["contender"], r["mode"]): r for r in report["runs"][run]["results"]}
 
 
 def test_json_has_every_contender_checked(tmp_path, capsys):

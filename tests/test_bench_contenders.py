@@ -3,30 +3,18 @@ cannot run, and ``torch_lce`` (PyTorch's ``linear_cross_entropy``)."""
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
+from bench_helpers import results_of, run_main
 
 from fused_gspo import bench, fused_logprobs
 from fused_gspo.bench import contenders
 from fused_gspo.config import PolicyLossConfig
 
-TINY = ["--tokens", "64", "--hidden", "32", "--vocab", "384", "--seq-len", "16", "--device", "cpu"]
-FAST = ["--repeats", "2", "--warmup", "0"]
 HAS_LCE = contenders.TorchLinearCrossEntropy.available() is None
 needs_lce = pytest.mark.skipif(not HAS_LCE, reason="torch < 2.13: no torch.nn.functional.linear_cross_entropy")
-
-
-def run_main(tmp_path, *args: str) -> dict:
-    path = tmp_path / "bench.json"
-    assert bench.main([*TINY, *FAST, *args, "--json", str(path)]) == 0
-    return json.loads(path.read_text())
-
-
-def results_of(report: dict, run: int = 0) -> dict[tuple[str, str], dict]:
-    return {(r["contender"], r["mode"]): r for r in report["runs"][run]["results"]}
 
 
 def small_inputs(cfg: PolicyLossConfig, dtype=torch.float32, valid_frac=1.0, seed=1):

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
+from bench_helpers import run_main
 
 from fused_gspo import bench
-
-TINY = ["--tokens", "64", "--hidden", "32", "--vocab", "384", "--seq-len", "16", "--device", "cpu"]
-FAST = ["--repeats", "2", "--warmup", "0"]
-
-
-def run_main(tmp_path, *args: str) -> dict:
-    path = tmp_path / "bench.json"
-    assert bench.main([*TINY, *FAST, *args, "--json", str(path)]) == 0
-    return json.loads(path.read_text())
 
 
 def test_sweep_and_plot(tmp_path, capsys):

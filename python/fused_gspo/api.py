@@ -105,35 +105,21 @@ def fused_policy_loss(
             raise ValueError("give cu_seqlens or position_ids, not both")
         cu_seqlens = cu_seqlens_from_position_ids(position_ids)
     config = _resolve_config(config, config_overrides)
+    # every optional tensor, handed on as one set to whichever path runs
+    optional = dict(
+        old_logps=old_logps,
+        ref_logps=ref_logps,
+        sampling_logps=sampling_logps,
+        importance_sampling_ratio=importance_sampling_ratio,
+        num_items_in_batch=num_items_in_batch,
+        bias=bias,
+        cu_seqlens=cu_seqlens,
+    )
     if isinstance(weight, nn.Module):
-        head = weight
-
-        result = []
-
-        def forward(hidden_):
-            head_weight, head_bias = _head_tensors(head, bias)
-            result.append(fused_policy_loss(
-                hidden_, head_weight, completion_ids, advantages, completion_mask, old_logps=old_logps,
-                ref_logps=ref_logps, sampling_logps=sampling_logps, importance_sampling_ratio=importance_sampling_ratio,
-                num_items_in_batch=num_items_in_batch, bias=head_bias, cu_seqlens=cu_seqlens, config=config,
-                backend=backend,
-            ))  # fmt: skip
-            loss = result[0].loss  # the one output the module's backward hooks need (as a view, they warn)
-            return loss.clone() if not torch.compiler.is_compiling() and loss._is_view() else loss
-
-        result[0].loss = _through_module(head, forward, hidden)
-        return result[0]
+        return _policy_loss_through_module(weight, hidden, (completion_ids, advantages, completion_mask), optional,
+                                           config=config, backend=backend)  # fmt: skip
     if torch.compiler.is_compiling():
         # one custom operator for the compiler; the checks that read values run inside it
-        optional = dict(
-            old_logps=old_logps,
-            ref_logps=ref_logps,
-            sampling_logps=sampling_logps,
-            importance_sampling_ratio=importance_sampling_ratio,
-            num_items_in_batch=num_items_in_batch,
-            bias=bias,
-            cu_seqlens=cu_seqlens,
-        )
         validate_policy_inputs(
             config, hidden=hidden, weight=weight, completion_ids=completion_ids, advantages=advantages,
             completion_mask=completion_mask, values=False, **optional,
@@ -142,21 +128,22 @@ def fused_policy_loss(
             hidden, weight, completion_ids, advantages, completion_mask, config=config, backend=backend, **optional
         )
     return compute_policy_loss(
-        hidden,
-        weight,
-        completion_ids,
-        advantages,
-        completion_mask,
-        config=config,
-        old_logps=old_logps,
-        ref_logps=ref_logps,
-        sampling_logps=sampling_logps,
-        importance_sampling_ratio=importance_sampling_ratio,
-        num_items_in_batch=num_items_in_batch,
-        bias=bias,
-        cu_seqlens=cu_seqlens,
-        backend=backend,
+        hidden, weight, completion_ids, advantages, completion_mask, config=config, backend=backend, **optional
     )
+
+
+def _policy_loss_through_module(head: nn.Module, hidden, per_token, optional: dict, **kwargs) -> PolicyLossOutput:
+    """:func:`fused_policy_loss` with the head's own weight and bias, inside its forward (:func:`_through_module`)."""
+    result = []
+
+    def forward(hidden_):
+        head_weight, head_bias = _head_tensors(head, optional["bias"])
+        result.append(fused_policy_loss(hidden_, head_weight, *per_token, **{**optional, "bias": head_bias}, **kwargs))
+        loss = result[0].loss  # the one output the module's backward hooks need (as a view, they warn)
+        return loss.clone() if not torch.compiler.is_compiling() and loss._is_view() else loss
+
+    result[0].loss = _through_module(head, forward, hidden)
+    return result[0]
 
 
 def fused_logprobs(

@@ -12,9 +12,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from trl_helpers import even_words_reward, prompts_dataset, tiny_model  # noqa: E402
+from trl_helpers import tiny_model, train  # noqa: E402
 
-from fused_gspo.trl import FLAG, patch_trl  # noqa: E402
+from fused_gspo.trl import patch_trl  # noqa: E402
 
 CASES = {
     # GSPO off-policy: two optimizer steps per generation, so the second step's ratios are not 1
@@ -33,36 +33,10 @@ CASES = {
 def run(case: str, flag: bool, tokenizer, model_path: str):
     from trl import GRPOConfig, GRPOTrainer
 
-    torch.manual_seed(1234)
-    config = GRPOConfig(
-        output_dir=f"/tmp/fused-gspo-mp-{case}",
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        max_steps=2,
-        optim="sgd",
-        learning_rate=0.05,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        seed=1234,
-        dataloader_num_workers=0,
-        **CASES[case],
-        **{FLAG: flag},
+    # by path, so that a reference model (beta > 0) can be loaded as from the Hub
+    return train(
+        GRPOTrainer, GRPOConfig, tokenizer, model_path, flag, max_steps=2, max_completion_length=8, **CASES[case]
     )
-    trainer = GRPOTrainer(
-        model=model_path,  # by path, so that a reference model (beta > 0) can be loaded as from the Hub
-        reward_funcs=even_words_reward,
-        args=config,
-        train_dataset=prompts_dataset(16),
-        processing_class=tokenizer,
-    )
-    trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
-    return logs, weights
 
 
 def main(out_dir: str, case: str) -> None:

@@ -23,7 +23,8 @@ GB = 1e9
 TERA = 1e12
 
 
-@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per device model (planner caches key on it)
+# compared and hashed by identity: one object per device model, which the planner's cache keys on
+@dataclass(frozen=True, eq=False)
 class DeviceProfile:
     """Peaks of one device model, and how much of them kernels reach."""
 
