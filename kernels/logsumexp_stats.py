@@ -15,6 +15,12 @@ Two kernels, no atomics (deterministic for a given shape):
   linear+log-prob kernel (``linear_logprob.py``) writes the same partials and reuses it.
 
 Partials layout: ``partials[row, k, split]`` float32 with ``k = 0, 1, 2`` for ``m, s, u`` (``[n, 3, num_splits]``).
+
+With ``EXTRA`` the same read also gives the statistics the preference losses' metrics and weights need
+(:mod:`fused_gspo.preference.statistics`): ``k = 3, 4, 5`` hold ``s2 = sum e^{2(z - m)}`` (rescaled by
+``alpha^2`` as the maximum grows), ``sum z`` and the largest logit left of the target, and the merge gives
+``log sum p^2 = log S2 - 2 log S``, the mean logit ``sum z / V`` and whether the target is the *first* argmax
+(``z_target >= max z`` and ``z_target > max_{j < target} z_j``, as ``torch.argmax`` picks). ``[n, 6, num_splits]``.
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ def fold_online_stats(m, s, u, axis: tl.constexpr):
 
 # Program (row, split): the partial triple of logits [split * split_size, min((split + 1) * split_size, V)) of one
 # row. Per BLOCK_V block: one max-reduction updates the scalar running maximum, then s and u are BLOCK_V-wide
-# accumulators rescaled by a scalar (one exp per logit, plus one for the softcap's tanh), summed at the end.
+# accumulators rescaled by a scalar (one exp per logit, plus one for the softcap's tanh), summed at the end. With
+# EXTRA, three more accumulators ride along (s2, sum z, the maximum left of the target): no extra exp, no extra read.
 # Grid: (n_rows, num_splits). Rows on axis 0 (up to 2^31 - 1), splits on axis 1 (at most MAX_SPLITS).
-# Memory: reads the row's slice of y once (4 bytes per logit) plus its target; writes 3 floats per (row, split) and,
-# from the one program holding the target, its logit (4 bytes per row).
+# Memory: reads the row's slice of y once (4 bytes per logit) plus its target; writes 3 (EXTRA: 6) floats per
+# (row, split) and, from the one program holding the target, its logit (4 bytes per row).
 @triton.jit(do_not_specialize=["n_rows"])
 def _split_stats_kernel(
     y_ptr,
@@ -61,6 +68,7 @@ def _split_stats_kernel(
     u_scale,
     z_scale,
     HAS_SOFTCAP: tl.constexpr,
+    EXTRA: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -69,10 +77,15 @@ def _split_stats_kernel(
     lo = split * split_size
     hi = tl.minimum(lo + split_size, vocab)
     offsets = tl.arange(0, BLOCK_V)
+    target = tl.load(targets_ptr + row)
 
     m = tl.max(tl.full([BLOCK_V], _NEG_BIG, tl.float32), axis=0)
     s = tl.zeros([BLOCK_V], tl.float32)
     u = tl.zeros([BLOCK_V], tl.float32)
+    if EXTRA:
+        s2 = tl.zeros([BLOCK_V], tl.float32)
+        sum_z = tl.zeros([BLOCK_V], tl.float32)
+        before = tl.full([BLOCK_V], _NEG_BIG, tl.float32)
     for start in range(lo, hi, BLOCK_V):
         cols = start + offsets
         in_range = cols < hi
@@ -84,14 +97,21 @@ def _split_stats_kernel(
         # a -inf logit (masked lane, or a -inf bias) contributes 0, not inf * 0
         u = alpha * (u + (m_new - m) * s) + tl.where(e > 0.0, m_new - z, 0.0) * e
         s = s * alpha + e
+        if EXTRA:
+            s2 = s2 * (alpha * alpha) + e * e
+            sum_z += tl.where(in_range, z, 0.0)
+            before = tl.maximum(before, tl.where(cols < target, z, _NEG_BIG))
         m = m_new
 
-    out = partials_ptr + row * 3 * num_splits + split
+    out = partials_ptr + row * (6 if EXTRA else 3) * num_splits + split
     tl.store(out, m)
     tl.store(out + num_splits, tl.sum(s, axis=0))
     tl.store(out + 2 * num_splits, tl.sum(u, axis=0))
+    if EXTRA:
+        tl.store(out + 3 * num_splits, tl.sum(s2, axis=0))
+        tl.store(out + 4 * num_splits, tl.sum(sum_z, axis=0))
+        tl.store(out + 5 * num_splits, tl.max(before, axis=0))
 
-    target = tl.load(targets_ptr + row)
     holds_target = (target >= lo) & (target < hi)
     y_target = tl.load(y_row + target, mask=holds_target, other=0.0).to(tl.float32)
     tl.store(target_logit_ptr + row, head_logits(y_target, u_scale, z_scale, HAS_SOFTCAP), mask=holds_target)
@@ -99,9 +119,10 @@ def _split_stats_kernel(
 
 # Program r: rows [r * BLOCK_R, (r + 1) * BLOCK_R), all their splits in one [BLOCK_R, BLOCK_S] block:
 # M = max_k m_k, S = sum_k s_k e^{m_k - M}, U = sum_k (u_k + (M - m_k) s_k) e^{m_k - M}; lse = M + log S,
-# entropy = log S + U / S, logp = z_target - lse.
+# entropy = log S + U / S, logp = z_target - lse. EXTRA: S2 = sum_k s2_k e^{2 (m_k - M)}, log sum p^2 =
+# log S2 - 2 log S, mean logit = sum_k (sum z)_k / V, top-1 = z_target >= M and z_target > max_k before_k.
 # Grid: (cdiv(n_rows, BLOCK_R),). Requires num_splits <= BLOCK_S.
-# Memory: reads 3 * num_splits + 1 floats per row, writes 3 floats per row.
+# Memory: reads 3 (EXTRA: 6) * num_splits + 1 floats per row, writes 3 (EXTRA: 6) floats per row.
 @triton.jit(do_not_specialize=["n_rows"])
 def merge_stats_kernel(
     partials_ptr,
@@ -109,8 +130,11 @@ def merge_stats_kernel(
     logp_ptr,
     entropy_ptr,
     lse_ptr,
+    extra_ptr,
     n_rows,
     num_splits,
+    vocab,
+    EXTRA: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -118,7 +142,7 @@ def merge_stats_kernel(
     row_ok = rows < n_rows
     splits = tl.arange(0, BLOCK_S)
     ok = row_ok[:, None] & (splits < num_splits)[None, :]
-    base = partials_ptr + rows[:, None] * 3 * num_splits + splits[None, :]
+    base = partials_ptr + rows[:, None] * (6 if EXTRA else 3) * num_splits + splits[None, :]
     m = tl.load(base, mask=ok, other=_NEG_BIG)
     s = tl.load(base + num_splits, mask=ok, other=0.0)
     u = tl.load(base + 2 * num_splits, mask=ok, other=0.0)
@@ -130,39 +154,57 @@ def merge_stats_kernel(
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(entropy_ptr + rows, log_s + u_row / s_row, mask=row_ok)
     tl.store(logp_ptr + rows, z_target - lse, mask=row_ok)
+    if EXTRA:
+        s2 = tl.load(base + 3 * num_splits, mask=ok, other=0.0)
+        sum_z = tl.load(base + 4 * num_splits, mask=ok, other=0.0)
+        before = tl.load(base + 5 * num_splits, mask=ok, other=_NEG_BIG)
+        w = tl.exp(m - m_row[:, None])
+        s2_row = tl.sum(s2 * w * w, axis=1)
+        top1 = (z_target >= m_row) & (z_target > tl.max(before, axis=1))
+        extra = extra_ptr + rows * 3
+        tl.store(extra, tl.log(tl.where(row_ok, s2_row, 1.0)) - 2.0 * log_s, mask=row_ok)
+        tl.store(extra + 1, tl.sum(sum_z, axis=1) / vocab, mask=row_ok)
+        tl.store(extra + 2, top1.to(tl.float32), mask=row_ok)
 
 
-def new_partials(n_rows: int, num_splits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialized ``(partials [n, 3, num_splits], target_logit [n])`` float32 buffers."""
-    return new_buffer((n_rows, 3, num_splits), device), new_buffer((n_rows,), device)
+def new_partials(n_rows: int, num_splits: int, device, extra: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized ``(partials [n, 3 (extra: 6), num_splits], target_logit [n])`` float32 buffers."""
+    return new_buffer((n_rows, 6 if extra else 3, num_splits), device), new_buffer((n_rows,), device)
 
 
-def merge_stats(partials: torch.Tensor, target_logit: torch.Tensor, out=None, block_r: int | None = None):
+def merge_stats(
+    partials: torch.Tensor, target_logit: torch.Tensor, out=None, block_r: int | None = None, vocab: int = 1
+):
     """``(logp, entropy, lse)`` [n] float32 from ``partials`` [n, 3, S] and ``target_logit`` [n] (``out``: a
-    preallocated triple to write into)."""
-    n_rows, _, num_splits = partials.shape
+    preallocated triple to write into). From ``[n, 6, S]`` partials, a fourth output ``[n, 3]`` float32: log sum p^2,
+    the mean logit (over ``vocab`` entries) and 1.0 where the target is the first argmax."""
+    n_rows, width, num_splits = partials.shape
+    extra = width == 6
     if num_splits > MAX_SPLITS:
         raise ValueError(f"at most {MAX_SPLITS} vocabulary splits can be merged, got {num_splits}")
     if out is None:
         out = tuple(new_buffer((n_rows,), partials.device) for _ in range(3))
     logp, entropy, lse = out
-    if n_rows == 0:
-        return logp, entropy, lse
-    cfg = launch_config("merge_stats", BLOCK_R=block_r)
-    with device_guard(partials):
-        merge_stats_kernel[(triton.cdiv(n_rows, cfg["BLOCK_R"]),)](
-            partials,
-            target_logit,
-            logp,
-            entropy,
-            lse,
-            n_rows,
-            num_splits,
-            BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_S=MAX_SPLITS,
-            num_warps=cfg["num_warps"],
-        )
-    return logp, entropy, lse
+    extras = new_buffer((n_rows, 3), partials.device) if extra else None
+    if n_rows > 0:
+        cfg = launch_config("merge_stats", BLOCK_R=block_r)
+        with device_guard(partials):
+            merge_stats_kernel[(triton.cdiv(n_rows, cfg["BLOCK_R"]),)](
+                partials,
+                target_logit,
+                logp,
+                entropy,
+                lse,
+                extras if extra else lse,  # stands in when there are no extras; never written
+                n_rows,
+                num_splits,
+                vocab,
+                EXTRA=extra,
+                BLOCK_R=cfg["BLOCK_R"],
+                BLOCK_S=MAX_SPLITS,
+                num_warps=cfg["num_warps"],
+            )
+    return (logp, entropy, lse, extras) if extra else (logp, entropy, lse)
 
 
 def logsumexp_stats(
@@ -172,12 +214,14 @@ def logsumexp_stats(
     softcap: float | None = None,
     temperature: float = 1.0,
     *,
+    extra: bool = False,
     block_v: int | None = None,
     num_splits: int | None = None,
     out=None,
     scratch=None,
 ):
-    """``(logp, entropy, lse)``, each ``[n]`` float32, of the logits ``softcap(y * logit_scale) / temperature``.
+    """``(logp, entropy, lse)``, each ``[n]`` float32, of the logits ``softcap(y * logit_scale) / temperature``;
+    with ``extra``, a fourth output ``[n, 3]``: log sum p^2, the mean logit, the first-argmax flag (1.0 / 0.0).
 
     ``y``: ``[n, V]`` float32 with unit column stride (any row stride); ``targets``: ``[n]`` int64 in ``[0, V)``.
     ``block_v`` / ``num_splits`` override the launch table (None: the table, and splits enough to fill the device).
@@ -190,9 +234,10 @@ def logsumexp_stats(
     has_softcap, u_scale, z_scale, _ = head_constants(logit_scale, softcap, temperature)
     cfg = launch_config("logsumexp_stats", BLOCK_V=block_v)
     num_splits, split_size = vocab_splits(n_rows, vocab, cfg["BLOCK_V"], y.device, num_splits)
-    partials, target_logit = scratch if scratch is not None else new_partials(n_rows, num_splits, y.device)
-    if partials.shape != (n_rows, 3, num_splits) or target_logit.shape != (n_rows,):
-        raise ValueError(f"scratch must be shaped ({n_rows}, 3, {num_splits}) and ({n_rows},)")
+    partials, target_logit = scratch if scratch is not None else new_partials(n_rows, num_splits, y.device, extra)
+    width = 6 if extra else 3
+    if partials.shape != (n_rows, width, num_splits) or target_logit.shape != (n_rows,):
+        raise ValueError(f"scratch must be shaped ({n_rows}, {width}, {num_splits}) and ({n_rows},)")
     targets = targets.contiguous()
     if n_rows > 0:
         with device_guard(y):
@@ -209,7 +254,8 @@ def logsumexp_stats(
                 u_scale,
                 z_scale,
                 HAS_SOFTCAP=has_softcap,
+                EXTRA=extra,
                 BLOCK_V=cfg["BLOCK_V"],
                 num_warps=cfg["num_warps"],
             )
-    return merge_stats(partials, target_logit, out=out)
+    return merge_stats(partials, target_logit, out=out, vocab=vocab)

@@ -19,12 +19,12 @@ class SumObjective:
     def __init__(self):
         self.seen = []
 
-    def grad(self, start, stop, logp, entropy):
+    def grad(self, start, stop, stats):
         self.seen.append((start, stop))
-        return torch.ones_like(logp), None
+        return torch.ones_like(stats.logp), None
 
-    def finish(self, logp, entropy):
-        self.total = logp.sum()
+    def finish(self, stats):
+        self.total = stats.logp.sum()
         return self.total.detach()
 
 
@@ -46,7 +46,7 @@ def test_every_token_is_scored_exactly_once(monkeypatch):
             CountingOps.calls += 1
             return original(y, t, head)
 
-    logp, _ = LogProbFunction.apply(hidden, weight, None, targets, _call([(0, 2), (2, 4), (4, 5)], CountingOps))
+    logp, *_ = LogProbFunction.apply(hidden, weight, None, targets, _call([(0, 2), (2, 4), (4, 5)], CountingOps))
     assert CountingOps.calls == 3 and torch.isfinite(logp).all()
     for bounds in ([(0, 2), (4, 5)], [(0, 3), (2, 5)], [(0, 4)], [(0, 5), (5, 5)]):
         with pytest.raises(ValueError, match="tile"):

@@ -103,12 +103,15 @@ def linear_types(dtype, strides="i64"):
 
 def stats_builds():
     for flag in (False, True):
-        cfg = gpu["logsumexp_stats"]
-        consts = dict(HAS_SOFTCAP=flag, BLOCK_V=cfg["BLOCK_V"])
-        build(f"split_stats softcap={flag}", logsumexp_stats._split_stats_kernel, row_types, consts, cfg, 90)
+        for extra in (False, True):  # the extra statistics of the preference losses
+            cfg = gpu["logsumexp_stats"]
+            consts = dict(HAS_SOFTCAP=flag, EXTRA=extra, BLOCK_V=cfg["BLOCK_V"])
+            what = f"split_stats softcap={flag} extra={extra}"
+            build(what, logsumexp_stats._split_stats_kernel, row_types, consts, cfg, 90)
     cfg = gpu["merge_stats"]
-    consts = dict(BLOCK_R=cfg["BLOCK_R"], BLOCK_S=launch_config.MAX_SPLITS)
-    build("merge_stats", logsumexp_stats.merge_stats_kernel, row_types, consts, cfg, 90)
+    for extra in (False, True):
+        consts = dict(EXTRA=extra, BLOCK_R=cfg["BLOCK_R"], BLOCK_S=launch_config.MAX_SPLITS)
+        build(f"merge_stats extra={extra}", logsumexp_stats.merge_stats_kernel, row_types, consts, cfg, 90)
 
 
 def grad_builds():

@@ -29,7 +29,7 @@ LAUNCHED = {
 
 # The compile-time switches a kernel may take besides block sizes: each selects a code path, never a length, so the
 # number of compiled variants stays bounded (a new one must be added here on purpose)
-FLAGS = {"NARROW_IN_PLACE", "SOFTWARE_BF16_ROUNDING", "NUM_STAGES"}
+FLAGS = {"NARROW_IN_PLACE", "SOFTWARE_BF16_ROUNDING", "NUM_STAGES", "EXTRA"}
 
 # the arguments that vary from call to call: one compiled kernel must serve every value
 LENGTHS = {"n_rows", "vocab", "hidden_size", "split_size", "num_splits"}

@@ -7,6 +7,7 @@ from conftest import draw_problem, rel_err, run_policy_loss
 
 from fused_gspo.chunked import SinglePassFunction
 from fused_gspo.config import PolicyLossConfig
+from fused_gspo.head import TokenStats
 from fused_gspo.objectives import Normalizers, PolicyBatch, policy_objective
 from fused_gspo.policy import PolicyChunkObjective, TokenLayout
 from fused_gspo.rows import PackedRows, PaddedRows
@@ -92,11 +93,11 @@ def test_chunk_objective_gradient_is_the_whole_objective_s():
     for count in rows:  # chunks of one whole row each (sequence coupling)
         if count:
             chunk = slice(start, start + count)
-            grad_logp, grad_entropy = objective.grad(start, start + count, logp[chunk], entropy[chunk])
+            grad_logp, grad_entropy = objective.grad(start, start + count, TokenStats(logp[chunk], entropy[chunk]))
             assert grad_entropy is None
             assert rel_err(grad_logp, expected[start : start + count]) < 1e-12
         start += count
-    loss = objective.finish(logp, entropy)
+    loss = objective.finish(TokenStats(logp, entropy))
     assert rel_err(loss, full.loss) < 1e-12 and not loss.requires_grad
     assert torch.equal(objective.logps, layout.scatter(logp))
 

@@ -1,6 +1,13 @@
 """fused_gspo: GRPO-family policy losses fused with the LM head, without materializing the logits."""
 
-from .api import FusedPolicyLoss, fused_logprobs, fused_policy_loss
+from .api import (
+    FusedPolicyLoss,
+    FusedPreferenceLoss,
+    fused_logprobs,
+    fused_policy_loss,
+    fused_preference_loss,
+    preference_reference_logps,
+)
 from .backends import BACKENDS
 from .config import LEVELS, LOSS_TYPES, PolicyLossConfig
 from .plan import Plan, explain
@@ -28,12 +35,15 @@ __all__ = [
     "LEVELS",
     "LOSS_TYPES",
     "FusedPolicyLoss",
+    "FusedPreferenceLoss",
     "PolicyLossConfig",
     "Plan",
     "PolicyLossOutput",
     "explain",
     "fused_logprobs",
     "fused_policy_loss",
+    "fused_preference_loss",
+    "preference_reference_logps",
     "patch_trl",
     "unpatch_trl",
     "__version__",

@@ -214,7 +214,8 @@ def fused_logprobs(
             softcap=final_logit_softcapping is not None,
         )
         call = ChunkedHead(head, tile_ops, tuple(plan.bounds), weight_gather.get())
-        logp, entropy = logprobs(flat_hidden, weight, bias, flat_targets, call, plan.strategy)
+        stats = logprobs(flat_hidden, weight, bias, flat_targets, call, plan.strategy)
+        logp, entropy = stats.logp, stats.entropy
     logp, entropy = logp.view(shape), entropy.view(shape)
     return (logp, entropy) if return_entropy else logp
 
@@ -247,3 +248,145 @@ class FusedPolicyLoss(nn.Module):
     def extra_repr(self) -> str:
         cfg = self.config
         return f"loss_type={cfg.loss_type!r}, level={cfg.importance_sampling_level!r}, backend={self.backend!r}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Preference losses
+
+
+def _resolve_preference_config(config, overrides: dict):
+    from .preference import CPOLossConfig, DPOLossConfig  # noqa: PLC0415
+
+    if config is None:
+        return DPOLossConfig(**overrides)
+    if not isinstance(config, (DPOLossConfig, CPOLossConfig)):
+        raise TypeError(f"config must be a DPOLossConfig or a CPOLossConfig, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+def fused_preference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor | nn.Module,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    aux_loss: torch.Tensor | None = None,
+    completion_lengths: torch.Tensor | None = None,
+    position_hidden: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    workspace_bytes: int | str = "auto",
+    config=None,
+    backend: str = "auto",
+    **config_overrides,
+):
+    """A preference loss (DPO, CPO, SimPO, AlphaPO) straight from the LM head's input, as TRL 1.16.0's
+    ``DPOTrainer`` / ``CPOTrainer`` compute it, with their metrics.
+
+    Args:
+        hidden: ``[2B, T, H]`` in TRL's concatenated layout (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected;
+            ``hidden[:, t]`` predicts ``completion_ids[:, t]``), or ``[n, H]``: the valid tokens only, row-major.
+        weight: ``[V, H]`` LM-head weight, or the LM-head module (run inside its forward: FSDP2-ready).
+        completion_ids / completion_mask: ``[2B, T]``; every row needs a valid token.
+        ref_chosen_logps / ref_rejected_logps: ``[B]`` reference sequence log-probs (DPO; from the dataset or
+            :func:`preference_reference_logps`).
+        aux_loss: a MoE load-balancing loss, added with the config's ``router_aux_loss_coef``.
+        completion_lengths: ``[2B]`` DPO ``ipo``/``sigmoid_norm`` lengths when they differ from the mask's counts.
+        position_hidden: CPO's ``logits/*`` metrics average the logits at every position of the input:
+            ``[2B, P, H]`` hidden states of all of them (default: ``hidden`` when it is ``[2B, T, H]``).
+        temperature / logit_scale / final_logit_softcapping: the head transform, as in :func:`fused_logprobs`.
+        config / config_overrides: a :class:`fused_gspo.preference.DPOLossConfig` (the default) or
+            :class:`~fused_gspo.preference.CPOLossConfig`, and/or its fields as keywords.
+
+    Returns:
+        :class:`fused_gspo.preference.head.PreferenceLossOutput`: ``loss``, ``metrics`` (the trainer's names),
+        ``chosen_logps`` / ``rejected_logps`` ``[B]``, ``logps`` / ``entropy`` ``[2B, T]``.
+    """
+    from .preference.head import compute_preference_loss  # noqa: PLC0415
+
+    config = _resolve_preference_config(config, config_overrides)
+    PolicyLossConfig(temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping)
+    validate_workspace_bytes(workspace_bytes)
+    options = dict(
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        aux_loss=aux_loss,
+        completion_lengths=completion_lengths,
+        position_hidden=position_hidden,
+        head=HeadParams(temperature, logit_scale, final_logit_softcapping),
+        workspace_bytes=workspace_bytes,
+        config=config,
+        backend=backend,
+    )
+    if not isinstance(weight, nn.Module):
+        return compute_preference_loss(hidden, weight, completion_ids, completion_mask, bias=bias, **options)
+    result = []
+
+    def forward(hidden_):
+        head_weight, head_bias = _head_tensors(weight, bias)
+        result.append(compute_preference_loss(hidden_, head_weight, completion_ids, completion_mask, bias=head_bias,
+                                              **options))  # fmt: skip
+        loss = result[0].loss
+        return loss.clone() if not torch.compiler.is_compiling() and loss._is_view() else loss
+
+    result[0].loss = _through_module(weight, forward, hidden)
+    return result[0]
+
+
+def preference_reference_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor | nn.Module,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    ld_alpha: float | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ref_chosen_logps, ref_rejected_logps)`` ``[B]``: the reference model's sequence log-probs as
+    ``DPOTrainer`` reduces them (``ld_alpha``: LD-DPO's shared/tail form), from its hidden states ``[2B, T, H]`` and
+    head, by the no-grad fused pass."""
+    from .preference.dpo import reference_logps  # noqa: PLC0415
+
+    valid = completion_mask.bool()
+    with torch.no_grad():
+        logp = fused_logprobs(
+            hidden[valid] if hidden.dim() == 3 else hidden, weight, completion_ids[valid], bias=bias,
+            temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
+            backend=backend,
+        )  # fmt: skip
+        per_token = torch.zeros(valid.shape, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)
+    return reference_logps(per_token, completion_mask, ld_alpha)
+
+
+class FusedPreferenceLoss(nn.Module):
+    """``nn.Module`` form of :func:`fused_preference_loss`, holding its config, head transform and backend.
+
+    ``FusedPreferenceLoss(CPOLossConfig(loss_type="alphapo", alpha=0.25, beta=2.5, simpo_gamma=0.1))(hidden, lm_head,
+    ids, mask)``
+    """
+
+    def __init__(self, config=None, backend: str = "auto", **options):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        head_keys = ("temperature", "logit_scale", "final_logit_softcapping", "workspace_bytes")
+        self.head_options = {k: options.pop(k) for k in head_keys if k in options}
+        self.config = _resolve_preference_config(config, options)
+        self.backend = backend
+
+    def forward(self, hidden, weight, completion_ids, completion_mask, **kwargs):
+        return fused_preference_loss(
+            hidden, weight, completion_ids, completion_mask, config=self.config, backend=self.backend,
+            **self.head_options, **kwargs,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"{type(self.config).__name__}(loss_type={self.config.loss_type!r}), backend={self.backend!r}"

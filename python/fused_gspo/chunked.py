@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from .head import HeadParams
+from .head import HeadParams, TokenStats
 from .plan.runtime import chunk_format, operand_dtype
 from .tile_ops import TileOps, stats_dtype_for
 
@@ -41,31 +41,36 @@ class ChunkedHead:
     """Everything but the tensors, handed through ``Function.apply`` as one object.
 
     ``bounds``: token ranges ``(start, stop)`` covering ``[0, N)`` in order (the planner's chunks).
-    ``gather``: :data:`weight_gather`'s value when the call was made.
+    ``gather``: :data:`weight_gather`'s value when the call was made. ``extras``: compute the extra per-token
+    statistics too (:class:`fused_gspo.head.TokenStats`; the preference losses read them), from the same read.
     """
 
     head: HeadParams
     ops: TileOps
     bounds: tuple[tuple[int, int], ...]
     gather: Callable | None = None
+    extras: bool = False
+
+    def statistics(self, tile: torch.Tensor, targets: torch.Tensor) -> TokenStats:
+        if self.extras:
+            return self.ops.statistics(tile, targets, self.head)
+        return TokenStats(*self.ops.forward(tile, targets, self.head))
 
 
 class ChunkObjective(Protocol):
     """The loss on top of the single pass, asked chunk by chunk.
 
-    The driver scores chunk ``[start, stop)`` of the valid tokens, then calls :meth:`grad` with its log-probs and
-    entropies; once every chunk is scored, :meth:`finish` with all of them. Implementations keep what they compute
-    (the loss terms, the ``[B, T]`` log-probs) as attributes for the caller.
+    The driver scores chunk ``[start, stop)`` of the valid tokens, then calls :meth:`grad` with its statistics; once
+    every chunk is scored, :meth:`finish` with all of them. Implementations keep what they compute (the loss terms,
+    the per-token log-probs) as attributes for the caller.
     """
 
-    def grad(
-        self, start: int, stop: int, logp: torch.Tensor, entropy: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def grad(self, start: int, stop: int, stats: TokenStats) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(dL/dlogp, dL/dentropy)``, each ``[stop - start]`` or None for a term the loss does not have."""
         ...
 
-    def finish(self, logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-        """The loss value (a detached scalar) from every token's ``logp`` and ``entropy`` (``[N]``)."""
+    def finish(self, stats: TokenStats) -> torch.Tensor:
+        """The loss value (a detached scalar) from every token's statistics (``[N]`` each)."""
         ...
 
 
@@ -169,16 +174,14 @@ class _GradAccumulators:
         return out
 
 
-def score(hidden, weight, bias, targets, call: ChunkedHead):
-    """``(logp, entropy, lse)`` ``[N]`` of every token, chunk by chunk (no gradient is formed)."""
+def score(hidden, weight, bias, targets, call: ChunkedHead) -> TokenStats:
+    """Every token's :class:`TokenStats` (``[N]`` each), chunk by chunk (no gradient is formed)."""
     workspace = _Workspace(hidden, weight, bias, call)
-    # NaN-filled, so a token no chunk scored can never pass for a result
-    logp = _poisoned(hidden.shape[0], hidden.device, workspace.stats_dtype)
-    entropy, lse = torch.full_like(logp, float("nan")), torch.full_like(logp, float("nan"))
+    stats = TokenStats.poisoned(hidden.shape[0], hidden.device, workspace.stats_dtype, call.extras)
     for start, stop in call.bounds:
         tile, _ = workspace.project(start, stop)
-        logp[start:stop], entropy[start:stop], lse[start:stop] = call.ops.forward(tile, targets[start:stop], call.head)
-    return logp, entropy, lse
+        stats.assign(start, stop, call.statistics(tile, targets[start:stop]))
+    return stats
 
 
 def recompute_grads(hidden, weight, bias, targets, call: ChunkedHead, lse, entropy, grad_logp, grad_entropy, needs):
@@ -206,45 +209,50 @@ def recompute_grads(hidden, weight, bias, targets, call: ChunkedHead, lse, entro
 
 
 def single_pass(hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective, needs):
-    """``(loss, logp [N], entropy [N], accumulators)`` with the gradient formed chunk by chunk (``6NHV``).
-    ``call.bounds`` must only cut where the objective's gradient does not reach across (the planner's job)."""
+    """``(loss, stats, accumulators)`` with the gradient formed chunk by chunk (``6NHV``); ``stats`` every token's
+    :class:`TokenStats`. ``call.bounds`` must only cut where the objective's gradient does not reach across (the
+    planner's job)."""
     workspace = _Workspace(hidden, weight, bias, call)
     acc = _GradAccumulators(hidden, weight, bias, needs, workspace)
-    logp = _poisoned(hidden.shape[0], hidden.device, workspace.stats_dtype)
-    entropy = torch.full_like(logp, float("nan"))
+    stats = TokenStats.poisoned(hidden.shape[0], hidden.device, workspace.stats_dtype, call.extras)
     if acc.dx is not None and not call.bounds:
         acc.dx.zero_()
     for start, stop in call.bounds:
         tile, x = workspace.project(start, stop)
-        lp, ent, lse = call.ops.forward(tile, targets[start:stop], call.head)
-        logp[start:stop], entropy[start:stop] = lp, ent
-        grad_logp, grad_entropy = objective.grad(start, stop, lp, ent)
+        chunk = call.statistics(tile, targets[start:stop])
+        stats.assign(start, stop, chunk)
+        grad_logp, grad_entropy = objective.grad(start, stop, chunk)
         if grad_logp is None and grad_entropy is None:
             if acc.dx is not None:
                 acc.dx[start:stop].zero_()
             continue
         grad_y = call.ops.backward_(
-            tile, targets[start:stop], lse, ent, grad_logp, grad_entropy, call.head, workspace.fmt.grad_dtype
-        )
+            tile, targets[start:stop], chunk.lse, chunk.entropy, grad_logp, grad_entropy, call.head,
+            workspace.fmt.grad_dtype,
+        )  # fmt: skip
         acc.add(start, stop, grad_y, x)
     del workspace  # the tile buffer goes before the objective's last evaluation and the backward
-    return objective.finish(logp, entropy), logp, entropy, acc
+    return objective.finish(stats), stats, acc
 
 
 class LogProbFunction(torch.autograd.Function):
-    """``(logp, entropy) = f(hidden [N, H], weight [V, H], bias [V] | None, targets [N], call)``, both ``[N]`` in the
-    stats dtype: :func:`score` forward, :func:`recompute_grads` backward."""
+    """``(logp, entropy, log_sum_sq_probs, mean_logit, is_top1) = f(hidden [N, H], weight [V, H], bias [V] | None,
+    targets [N], call)``, ``[N]`` each in the stats dtype (the last three None without ``call.extras``; never
+    differentiable): :func:`score` forward, :func:`recompute_grads` backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead):
         ctx.set_materialize_grads(False)
         ctx.call = call
-        logp, entropy, lse = score(hidden, weight, bias, targets, call)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        return logp, entropy
+        stats = score(hidden, weight, bias, targets, call)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, stats.entropy)
+        extras = (stats.log_sum_sq_probs, stats.mean_logit, stats.is_top1)
+        if call.extras:
+            ctx.mark_non_differentiable(*extras)
+        return stats.logp, stats.entropy, *extras
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_entropy, *_):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
@@ -261,11 +269,9 @@ class SinglePassFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective):
         ctx.set_materialize_grads(False)
-        loss, logp, entropy, ctx.acc = single_pass(
-            hidden, weight, bias, targets, call, objective, ctx.needs_input_grad[:3]
-        )
-        ctx.mark_non_differentiable(logp, entropy)
-        return loss, logp, entropy
+        loss, stats, ctx.acc = single_pass(hidden, weight, bias, targets, call, objective, ctx.needs_input_grad[:3])
+        ctx.mark_non_differentiable(stats.logp, stats.entropy)
+        return loss, stats.logp, stats.entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -276,14 +282,14 @@ class SinglePassFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-def logprobs(hidden, weight, bias, targets, call: ChunkedHead, strategy: str = "two_phase"):
-    """``(logp, entropy)`` of ``targets``, each ``[N]``: differentiable through :class:`LogProbFunction`, or, for the
-    planner's ``"fused"`` strategy (no gradient can flow), from the tile ops' matmul-with-epilogue kernel whose logits
-    never leave the chip (the ``old`` / ``ref`` log-prob pass)."""
+def logprobs(hidden, weight, bias, targets, call: ChunkedHead, strategy: str = "two_phase") -> TokenStats:
+    """Every token's :class:`TokenStats` (``logp`` and ``entropy`` differentiable): through :class:`LogProbFunction`,
+    or, for the planner's ``"fused"`` strategy (no gradient can flow, no extras), from the tile ops'
+    matmul-with-epilogue kernel whose logits never leave the chip (the ``old`` / ``ref`` log-prob pass)."""
     if strategy == "fused":
-        logp, entropy, _ = call.ops.fused_logprobs(hidden, weight, bias, targets, call.head)
-        return logp, entropy
-    return LogProbFunction.apply(hidden, weight, bias, targets, call)
+        return TokenStats(*call.ops.fused_logprobs(hidden, weight, bias, targets, call.head))
+    logp, entropy, *extras = LogProbFunction.apply(hidden, weight, bias, targets, call)
+    return TokenStats(logp, entropy, None, *extras)
 
 
 __all__ = [

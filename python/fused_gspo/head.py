@@ -12,7 +12,7 @@ overwrites the chunk with ``dL/dy`` given ``dL/dlogp`` and ``dL/dentropy``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -28,6 +28,50 @@ class HeadParams:
         if self.softcap is not None:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z / self.temperature
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics of the head, each ``[n]``: ``logp`` (of the target), ``entropy``, ``lse``, and the extra
+    ones the preference losses read (:mod:`fused_gspo.preference.statistics`): ``log_sum_sq_probs`` (``log sum p^2``),
+    ``mean_logit`` (over the vocabulary, of the transformed logits) and ``is_top1`` (bool: the target is the first
+    argmax). The extras are None unless asked for."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    lse: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logit: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+
+    @property
+    def has_extras(self) -> bool:
+        return self.mean_logit is not None
+
+    def slice(self, start: int, stop: int) -> TokenStats:
+        return TokenStats(**{f.name: _slice(getattr(self, f.name), start, stop) for f in fields(self)})
+
+    def assign(self, start: int, stop: int, chunk: TokenStats) -> None:
+        """Write ``chunk``'s values at ``[start, stop)``."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(chunk, f.name)
+            if mine is not None and theirs is not None:
+                mine[start:stop] = theirs
+
+    @staticmethod
+    def poisoned(n: int, device, dtype, extras: bool) -> TokenStats:
+        """NaN-filled buffers (False for ``is_top1``), so a token no chunk scored never passes for a result."""
+
+        def nan():
+            return torch.full((n,), float("nan"), device=device, dtype=dtype)
+
+        if not extras:
+            return TokenStats(nan(), nan(), nan())
+        return TokenStats(nan(), nan(), nan(), nan(), nan(), torch.zeros(n, device=device, dtype=torch.bool))
+
+
+def _slice(x, start, stop):
+    return None if x is None else x[start:stop]
 
 
 def full_logprobs(
@@ -50,6 +94,21 @@ def full_logprobs(
     return logp, entropy
 
 
+def full_statistics(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, head: HeadParams
+) -> TokenStats:
+    """:func:`full_logprobs`'s log-probs and entropies (differentiable) with the extra statistics (detached), from
+    one materialized projection: the eager path of the preference losses."""
+    logp, entropy = full_logprobs(hidden, weight, bias, targets, head)
+    with torch.no_grad():
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        y = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()
+        if bias is not None:
+            y = y + bias
+        extras = TorchTileOps.statistics(y.to(logp.dtype), targets, head)
+    return TokenStats(logp, entropy, extras.lse, extras.log_sum_sq_probs, extras.mean_logit, extras.is_top1)
+
+
 class TorchTileOps:
     """Chunk statistics and logits gradient in plain PyTorch: the ``"torch"`` backend's
     :class:`fused_gspo.tile_ops.TileOps`.
@@ -69,6 +128,16 @@ class TorchTileOps:
     @staticmethod
     def forward(y: torch.Tensor, targets: torch.Tensor, head: HeadParams):
         """``y``: ``[n, V]`` projection (stats dtype), left unchanged. Returns ``logp``, ``entropy``, ``lse``."""
+        stats = TorchTileOps._stats(y, targets, head, extras=False)
+        return stats.logp, stats.entropy, stats.lse
+
+    @staticmethod
+    def statistics(y: torch.Tensor, targets: torch.Tensor, head: HeadParams) -> TokenStats:
+        """Every :class:`TokenStats` field, from the same pass as :meth:`forward`."""
+        return TorchTileOps._stats(y, targets, head, extras=True)
+
+    @staticmethod
+    def _stats(y, targets, head: HeadParams, extras: bool) -> TokenStats:
         shifted = head.transform(y)  # a new tensor unless the transform is the identity
         m = shifted.amax(-1, keepdim=True)
         shifted = shifted.sub_(m) if shifted is not y else shifted - m  # z - max <= 0
@@ -76,10 +145,15 @@ class TorchTileOps:
         s = e.sum(-1)
         log_s = torch.log(s)
         logp = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_s
+        out = {}
+        if extras:  # before e and shifted are overwritten; the norm is a reduction, no temporary
+            out["mean_logit"] = shifted.mean(-1) + m.squeeze(-1)
+            out["is_top1"] = shifted.argmax(-1) == targets  # the first maximum, as TRL's head reads it
+            out["log_sum_sq_probs"] = 2.0 * (torch.log(torch.linalg.vector_norm(e, dim=-1)) - log_s)
         # entropy = log s + sum e (m - z) / s: non-negative terms, accurate on peaked rows (the textbook
         # lse - sum p z cancels to ~1e-3 relative there in float32)
         entropy = log_s - e.mul_(shifted).sum(-1) / s
-        return logp, entropy, m.squeeze(-1) + log_s
+        return TokenStats(logp, entropy, m.squeeze(-1) + log_s, **out)
 
     @staticmethod
     def backward_(y, targets, lse, entropy, grad_logp, grad_entropy, head: HeadParams, grad_dtype=None) -> torch.Tensor:

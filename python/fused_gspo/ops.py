@@ -220,7 +220,8 @@ def logprobs_op(
         return logp, entropy, lse
     from .chunked import score  # noqa: PLC0415
 
-    return score(hidden, weight, bias, targets, call)
+    stats = score(hidden, weight, bias, targets, call)
+    return stats.logp, stats.entropy, stats.lse
 
 
 @logprobs_op.register_fake

@@ -20,7 +20,7 @@ import torch
 from .backends import resolve_backend, tile_ops_for
 from .chunked import ChunkedHead, SinglePassFunction, logprobs, weight_gather
 from .config import PolicyLossConfig
-from .head import HeadParams, full_logprobs
+from .head import HeadParams, TokenStats, full_logprobs
 from .objectives import Normalizers, PolicyBatch, evaluate, gradient_coupling, policy_metrics, policy_objective
 from .plan.runtime import plan_call
 from .rows import PackedRows, PaddedRows
@@ -109,7 +109,8 @@ class PolicyChunkObjective:
         self.wants_entropy_grad = config.entropy_coef != 0.0
         self.logps = self.entropy = self.terms = None
 
-    def grad(self, start: int, stop: int, logp: torch.Tensor, entropy: torch.Tensor):
+    def grad(self, start: int, stop: int, stats: TokenStats):
+        logp, entropy = stats.logp, stats.entropy
         rows = self.layout.row_list
         r0, r1 = rows[start], rows[stop - 1] + 1
         starts = self.batch.rows.row_starts()
@@ -131,8 +132,8 @@ class PolicyChunkObjective:
         grad_logp = torch.zeros_like(logp) if grads[0] is None else grads[0]
         return grad_logp, (grads[1] if self.wants_entropy_grad else None)
 
-    def finish(self, logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-        self.logps, self.entropy = self.layout.scatter(logp), self.layout.scatter(entropy)
+    def finish(self, stats: TokenStats) -> torch.Tensor:
+        self.logps, self.entropy = self.layout.scatter(stats.logp), self.layout.scatter(stats.entropy)
         self.terms = policy_objective(self.logps, self.entropy, self.batch, self.config, self.norms)
         return self.terms.loss.detach()
 
@@ -217,7 +218,8 @@ def compute_policy_loss(
     )
     call = ChunkedHead(head, ops, tuple(plan.bounds), weight_gather.get())
     if plan.strategy != "single_pass":  # score every token, then the objective; autograd recomputes for the gradient
-        logp, entropy = logprobs(x, weight, bias, targets, call, plan.strategy)
+        stats = logprobs(x, weight, bias, targets, call, plan.strategy)
+        logp, entropy = stats.logp, stats.entropy
         return _evaluated(layout.scatter(logp), layout.scatter(entropy), batch, cfg, num_items_in_batch, hooks)
 
     objective = PolicyChunkObjective(layout, batch, cfg, Normalizers.of(batch, cfg, num_items_in_batch))

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .head import HeadParams
+from .head import HeadParams, TokenStats
 
 
 @runtime_checkable
@@ -41,6 +41,11 @@ class TileOps(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``y``: ``[n, V]`` projection (stats dtype, left unchanged); ``targets``: ``[n]`` int64.
         Returns ``(logp, entropy, lse)``, each ``[n]`` in the stats dtype."""
+        ...
+
+    @staticmethod
+    def statistics(y: torch.Tensor, targets: torch.Tensor, head: HeadParams) -> TokenStats:
+        """Every :class:`TokenStats` field (the extras too) from the same single read of ``y`` as :meth:`forward`."""
         ...
 
     @staticmethod
@@ -70,6 +75,9 @@ class FusedLogProbs(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logp, entropy, lse)`` ``[N]`` of ``targets`` under ``hidden [N, H] @ weight.T + bias``, no gradient."""
         ...
+
+
+__all__ = ["FusedLogProbs", "TileOps", "TokenStats", "has_fused_logprobs", "stats_dtype_for"]
 
 
 def stats_dtype_for(dtype: torch.dtype) -> torch.dtype:

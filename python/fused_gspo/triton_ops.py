@@ -13,10 +13,12 @@ within the chunk's size. CPU tensors need the Triton interpreter (``TRITON_INTER
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import torch
 import triton  # noqa: F401  (an ImportError here tells backends.triton_tile_ops the backend is unavailable)
 
-from .head import HeadParams, TorchTileOps
+from .head import HeadParams, TokenStats, TorchTileOps
 from .kernels.launch_config import interpreting
 from .kernels.linear_logprob import linear_logprob
 from .kernels.logits_grad import logits_grad_
@@ -67,6 +69,20 @@ class TritonTileOps:
         if y.stride(1) != 1:
             y = y.contiguous()
         return logsumexp_stats(y, targets.long(), *_head_args(head))
+
+    @staticmethod
+    def statistics(y: torch.Tensor, targets: torch.Tensor, head: HeadParams) -> TokenStats:
+        """Every :class:`fused_gspo.head.TokenStats` field from the same one read of ``y`` as :meth:`forward`."""
+        if y.dtype != torch.float32:
+            parts = [TorchTileOps.statistics(y[a:b], targets[a:b], head) for a, b in _row_slices(y.shape[0])]
+            if not parts:
+                return TorchTileOps.statistics(y, targets, head)
+            return TokenStats(*(torch.cat(column) for column in zip(*(astuple(p) for p in parts), strict=True)))
+        _check_runnable(y)
+        if y.stride(1) != 1:
+            y = y.contiguous()
+        logp, entropy, lse, extras = logsumexp_stats(y, targets.long(), *_head_args(head), extra=True)
+        return TokenStats(logp, entropy, lse, extras[:, 0], extras[:, 1], extras[:, 2] > 0.5)
 
     @staticmethod
     def backward_(y, targets, lse, entropy, grad_logp, grad_entropy, head: HeadParams, grad_dtype=None) -> torch.Tensor:

@@ -203,3 +203,36 @@ def validate_policy_inputs(
     )
     if values:
         _check_ids("completion_ids", completion_ids, weight.shape[0], where=completion_mask.bool())
+
+
+def validate_preference_inputs(*, hidden, weight, completion_ids, completion_mask, bias, values: bool = True) -> None:
+    """The head and per-token inputs of a preference loss: ``[2B, T]`` ids and mask (an even row count), hidden
+    ``[2B, T, H]`` or ``[n, H]`` (the valid tokens, row-major). The loss's own inputs are checked by
+    :func:`fused_gspo.preference.batch.validate_batch`."""
+    _tensor("hidden", hidden, floating=True, ndim=(2, 3))
+    _check_head(hidden, weight, bias)
+    _tensor("completion_ids", completion_ids, floating=False, ndim=(2,))
+    _tensor("completion_mask", completion_mask, ndim=(2,))
+    rows = completion_ids.shape[0]
+    if rows == 0 or rows % 2:
+        raise ValueError(
+            f"completion_ids must have an even, non-zero number of rows (B chosen, then B rejected), got {rows}"
+        )
+    if tuple(completion_mask.shape) != tuple(completion_ids.shape):
+        raise ValueError(
+            f"completion_mask must have the shape of completion_ids {tuple(completion_ids.shape)}, "
+            f"got {tuple(completion_mask.shape)}"
+        )
+    if hidden.dim() == 3 and tuple(hidden.shape[:2]) != tuple(completion_ids.shape):
+        raise ValueError(
+            f"hidden must be [2B, T, H] with [2B, T] = {tuple(completion_ids.shape)}, got {tuple(hidden.shape)}"
+        )
+    _same_device(hidden, weight=weight, bias=bias, completion_ids=completion_ids, completion_mask=completion_mask)
+    if not values:
+        return
+    if hidden.dim() == 2 and hidden.shape[0] != int(completion_mask.sum()):
+        raise ValueError(
+            f"packed hidden ([n, H]) must hold one row per valid token ({int(completion_mask.sum())}), "
+            f"got {hidden.shape[0]}"
+        )
+    _check_ids("completion_ids", completion_ids, weight.shape[0], where=completion_mask.bool())

@@ -401,10 +401,13 @@ def _validated_init(original):
 
 
 def _targets():
-    """(owner, attribute, replacement factory) for every TRL attribute the patch replaces."""
+    """(owner, attribute, replacement factory) for every TRL attribute the patch replaces: the policy trainers'
+    here, the preference trainers' from their own modules (:mod:`.dpo`, :mod:`.cpo`)."""
     import trl.trainer.utils as trl_utils
     from trl import GRPOTrainer, RLOOTrainer
     from trl.experimental.gmpo import GMPOTrainer
+
+    from . import cpo, dpo
 
     return [
         (trl_utils, "_ChunkedLogProbFunction", _ChunkedLogProbStandIn),
@@ -415,6 +418,8 @@ def _targets():
         (RLOOTrainer, "_get_per_token_logps_and_entropies", _fused_logps_when_flagged),
         (GRPOTrainer, "__init__", _validated_init),
         (RLOOTrainer, "__init__", _validated_init),
+        *dpo.targets(),
+        *cpo.targets(),
     ]
 
 
@@ -422,7 +427,9 @@ def _config_classes():
     from trl import GRPOConfig, RLOOConfig
     from trl.experimental.gmpo import GMPOConfig
 
-    return [GRPOConfig, RLOOConfig, GMPOConfig]
+    from . import cpo, dpo
+
+    return [GRPOConfig, RLOOConfig, GMPOConfig, *dpo.config_classes(), *cpo.config_classes()]
 
 
 def patch_trl() -> None:
