@@ -463,3 +463,44 @@ def test_packed_layout_takes_position_ids_and_rejects_bad_offsets():
     one_each = {k: v[:2] for k, v in inputs.items() if k not in ("weight", "bias")}
     with pytest.raises(ValueError, match="as many sequences as positions"):
         fused_policy_loss(**one_each, weight=inputs["weight"], cu_seqlens=torch.tensor([0, 1, 2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference losses (the math and the head: tests/test_preference_*.py)
+
+
+def test_fused_preference_loss_module_forms_and_reference_pass():
+    from fused_gspo.preference import CPOLossConfig, DPOLossConfig
+    from fused_gspo.preference.dpo import reference_logps
+
+    g = torch.Generator().manual_seed(7)
+    B, T, H, V = 2, 5, 6, 19
+    hidden = torch.randn(2 * B, T, H, generator=g)
+    ids = torch.randint(0, V, (2 * B, T), generator=g)
+    mask = torch.ones(2 * B, T, dtype=torch.long)
+    mask[1, 3:] = 0
+    head = torch.nn.Linear(H, V, bias=True)
+    ref_hidden = hidden + 0.1 * torch.randn(hidden.shape, generator=g)
+    ref_chosen, ref_rejected = fused_gspo.preference_reference_logps(
+        ref_hidden, head, ids, mask, ld_alpha=0.5, backend="torch"
+    )
+    per_token = torch.log_softmax(head(ref_hidden), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    expected = reference_logps(per_token.detach(), mask, 0.5)
+    assert rel_err(ref_chosen, expected[0]) < 1e-5 and rel_err(ref_rejected, expected[1]) < 1e-5
+
+    refs = dict(ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+    by_module = fused_gspo.fused_preference_loss(hidden, head, ids, mask, beta=0.2, backend="torch", **refs)
+    by_tensors = fused_gspo.fused_preference_loss(
+        hidden, head.weight, ids, mask, bias=head.bias, config=DPOLossConfig(beta=0.2), backend="eager", **refs
+    )
+    assert rel_err(by_module.loss, by_tensors.loss) < 1e-5
+    module = fused_gspo.FusedPreferenceLoss(CPOLossConfig(loss_type="simpo"), backend="torch", temperature=0.9)
+    assert "simpo" in repr(module)
+    out = module(hidden, head, ids, mask)
+    ref = fused_gspo.fused_preference_loss(
+        hidden, head.weight, ids, mask, bias=head.bias, config=CPOLossConfig(loss_type="simpo"), temperature=0.9,
+        backend="eager",
+    )  # fmt: skip
+    assert rel_err(out.loss, ref.loss) < 1e-5 and set(out.metrics) == set(ref.metrics)
+    with pytest.raises(ValueError, match="bias must be None"):
+        fused_gspo.fused_preference_loss(hidden, head, ids, mask, bias=head.bias, **refs)

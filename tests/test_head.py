@@ -31,6 +31,23 @@ def test_tile_forward_matches_log_softmax(head, n, vocab, seed):
     assert rel_err(lse, torch.logsumexp(z, -1)) < 1e-12
 
 
+@given(head=heads, n=st.integers(1, 6), vocab=st.integers(1, 50), seed=st.integers(0, 2**31 - 1))
+def test_tile_statistics_add_the_preference_extras(head, n, vocab, seed):
+    """``statistics``: the forward's three plus log sum p^2, the mean logit and the first-argmax flag."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 4
+    y[0, vocab // 2 :] = y[0, : vocab - vocab // 2].max() + 1.0  # a tie for the maximum in row 0
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    stats = TorchTileOps.statistics(y.clone(), targets, head)
+    base = TorchTileOps.forward(y.clone(), targets, head)
+    assert all(torch.equal(a, b) for a, b in zip((stats.logp, stats.entropy, stats.lse), base, strict=True))
+    z = head.transform(y)
+    log_p = torch.log_softmax(z, -1)
+    assert rel_err(stats.log_sum_sq_probs, torch.logsumexp(2 * log_p, -1), floor=1.0) < 1e-12
+    assert rel_err(stats.mean_logit, z.mean(-1), floor=1.0) < 1e-12
+    assert torch.equal(stats.is_top1, z.argmax(-1) == targets)
+
+
 # each upstream term alone and both together
 @pytest.mark.parametrize("terms", ["logp", "entropy", "both"])
 @given(head=heads, n=st.integers(1, 6), vocab=st.integers(1, 50), seed=st.integers(0, 2**31 - 1))

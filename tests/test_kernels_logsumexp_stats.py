@@ -156,3 +156,53 @@ def test_rejects_other_tiles_and_passes_empty_ones():
         logsumexp_stats.logsumexp_stats(transposed, targets)
     empty = logsumexp_stats.logsumexp_stats(torch.empty(0, 40, device=DEVICE), targets[:0])
     assert all(t.shape == (0,) and t.dtype == torch.float32 for t in empty)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EXTRA: the preference losses' statistics from the same read (log sum p^2, the mean logit, the first argmax)
+
+
+def _extra_reference(y, targets, head):
+    z = head.transform(y.double())
+    log_p = torch.log_softmax(z, -1)
+    return torch.logsumexp(2 * log_p, -1), z.mean(-1), z.argmax(-1) == targets
+
+
+# without and with the softcap
+@pytest.mark.parametrize("head", [HEADS[0], HEADS[3]], ids=[HEAD_IDS[0], HEAD_IDS[3]])
+# the table's blocking, and blockings that split every row
+@pytest.mark.parametrize("blocking", BLOCKINGS, ids=["table", "v64x3", "v128x64"])
+@settings(max_examples=4)
+# the tile shapes of conftest, rows padded or not
+@given(**tile_shapes, pad=st.sampled_from([0, 3]))
+# one vocabulary entry: p = 1, the target is the argmax
+@example(n=1, vocab=1, seed=0, spread=3.0, pad=0)
+def test_extra_statistics_match_float64(head, blocking, n, vocab, seed, spread, pad):
+    block_v, num_splits = blocking
+    y, targets = projection(n, vocab, seed, spread, pad)
+    logp, entropy, lse, extras = logsumexp_stats.logsumexp_stats(
+        y, targets, head.logit_scale, head.softcap, head.temperature, extra=True, block_v=block_v,
+        num_splits=num_splits,
+    )  # fmt: skip
+    ref = TorchTileOps.forward(y.double(), targets, head)
+    for name, o, r in zip(("logp", "entropy", "lse"), (logp, entropy, lse), ref, strict=True):
+        assert_close(o, r, 1e-5, name)  # the extras change nothing else
+    log_sum_sq, mean, top1 = _extra_reference(y, targets, head)
+    assert extras.shape == (n, 3) and extras.dtype == torch.float32
+    assert_close(extras[:, 0], log_sum_sq, 1e-5, "log sum p^2")
+    assert_close(extras[:, 1], mean, 1e-5, "mean logit", atol=1e-6)
+    assert torch.equal(extras[:, 2].cpu() == 1.0, top1.cpu()), "top-1"
+    assert bool(((extras[:, 2] == 0) | (extras[:, 2] == 1)).all())
+
+
+# a tie for the maximum: the target counts as top-1 only as the first of the tied entries, as torch.argmax picks;
+# the tied entries in different splits of small blocks too
+@pytest.mark.parametrize("blocking", BLOCKINGS, ids=["table", "v64x3", "v128x64"])
+def test_top1_is_the_first_argmax(blocking):
+    block_v, num_splits = blocking
+    y = torch.zeros(4, 700, device=DEVICE)
+    y[:, 5] = y[:, 600] = 9.0
+    targets = torch.tensor([5, 600, 7, 600], device=DEVICE)
+    y[3, 5] = 8.0  # row 3: the target is the unique maximum
+    *_, extras = logsumexp_stats.logsumexp_stats(y, targets, extra=True, block_v=block_v, num_splits=num_splits)
+    assert extras[:, 2].tolist() == [1.0, 0.0, 0.0, 1.0]

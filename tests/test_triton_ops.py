@@ -60,6 +60,19 @@ def test_forward_matches_float64(head, n, vocab, seed, spread, pad):
         assert_close(o, r, 1e-5, name)
 
 
+# every head transform; float32 tiles through the kernels, float64 ones through the PyTorch fallback
+@pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_statistics_match_the_torch_ops(head, dtype):
+    y, targets = projection(9, 300, seed=3, spread=4.0, pad=3)
+    y = y.to(dtype)
+    got = TritonTileOps.statistics(y, targets, head)
+    want = TorchTileOps.statistics(y.double(), targets, head)
+    for name in ("logp", "entropy", "lse", "log_sum_sq_probs", "mean_logit"):
+        assert_close(getattr(got, name), getattr(want, name), 1e-5 if dtype == torch.float32 else 1e-12, name)
+    assert torch.equal(got.is_top1.cpu(), want.is_top1.cpu())
+
+
 def test_forward_takes_any_tile_layout_and_checks_shapes():
     """A tile without unit column stride is copied (the forward leaves y alone); shapes are checked."""
     head = HEADS[3]
