@@ -21,10 +21,16 @@ declare -A CONFIGS=(
   [dapo-kl-llama3-8b]="--model llama3-8b --loss-type dapo --level token --beta 0.04"
   # 256k vocabulary with logit softcapping (Liger and torch_lce have no softcapping: reported unsupported)
   [gspo-gemma2-2b]="--model gemma2-2b"
+  # Preference losses at the qwen3-8b head, 8192 tokens (8 pairs of 512): DPO (Liger runs its own reference pass),
+  # CPO (TRL holds the full logits) and SimPO
+  [dpo-qwen3-8b]="--objective dpo"
+  [cpo-qwen3-8b]="--objective cpo"
+  [simpo-qwen3-8b]="--objective cpo --cpo-loss-type simpo"
   # GSPO at the qwen3-8b head across token counts, forward+backward: time and peak memory per contender
   [sweep]="--sweep-tokens 1024,2048,4096,8192,16384,32768,65536 --modes fwd_bwd --plot $OUT/bench-sweep.png"
 )
-ORDER=(explain-qwen3-8b gspo-qwen3-8b dapo-qwen3-8b gspo-qwen3-0.6b dapo-qwen3-0.6b dapo-kl-llama3-8b gspo-gemma2-2b sweep)
+ORDER=(explain-qwen3-8b gspo-qwen3-8b dapo-qwen3-8b gspo-qwen3-0.6b dapo-qwen3-0.6b dapo-kl-llama3-8b gspo-gemma2-2b
+       dpo-qwen3-8b cpo-qwen3-8b simpo-qwen3-8b sweep)
 
 status=0
 for name in "${@:-${ORDER[@]}}"; do

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 
 def patch_trl() -> None:
-    """Add ``use_fused_gspo_loss`` to TRL's GRPO/GMPO/RLOO configs and trainers (see :mod:`fused_gspo.trl`)."""
+    """Add ``use_fused_gspo_loss`` to TRL's GRPO/GMPO/RLOO/DPO/CPO configs and trainers (:mod:`fused_gspo.trl`)."""
     from .trl import patch_trl as _patch
 
     _patch()

@@ -349,10 +349,11 @@ def preference_reference_logps(
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
     backend: str = "auto",
+    workspace_bytes: int | str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ref_chosen_logps, ref_rejected_logps)`` ``[B]``: the reference model's sequence log-probs as
-    ``DPOTrainer`` reduces them (``ld_alpha``: LD-DPO's shared/tail form), from its hidden states ``[2B, T, H]`` and
-    head, by the no-grad fused pass."""
+    ``DPOTrainer`` reduces them (``ld_alpha``: LD-DPO's shared/tail form), from its hidden states ``[2B, T, H]`` (or
+    ``[n, H]``, the valid tokens row-major) and head, by the no-grad fused pass."""
     from .preference.dpo import reference_logps  # noqa: PLC0415
 
     valid = completion_mask.bool()
@@ -360,7 +361,7 @@ def preference_reference_logps(
         logp = fused_logprobs(
             hidden[valid] if hidden.dim() == 3 else hidden, weight, completion_ids[valid], bias=bias,
             temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
-            backend=backend,
+            backend=backend, workspace_bytes=workspace_bytes,
         )  # fmt: skip
         per_token = torch.zeros(valid.shape, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)
     return reference_logps(per_token, completion_mask, ld_alpha)

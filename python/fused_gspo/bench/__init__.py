@@ -20,6 +20,14 @@ Contenders:
   loss math as ``trl``; no entropy, softcapping or (except powers of two) logit scale: those are "unsupported";
 - ``floor``: the bare GEMMs of the same shapes and dtype, ``X @ W.T`` (+ ``G @ W`` and ``G.T @ X`` for fwd_bwd).
 
+With ``--objective dpo|cpo`` the objective is a preference loss (TRL 1.16's ``DPOTrainer`` / ``CPOTrainer``) in TRL's
+concatenated layout (``2B`` rows, chosen then rejected) and the contenders are ``eager`` / ``torch`` / ``triton``
+(``fused_preference_loss``), ``trl`` (DPO: ``ChunkedLogProbFunction`` with the outputs ``DPOTrainer`` asks for, then its
+loss math; CPO: ``CPOTrainer``'s full logits and its own ``get_batch_logps`` / ``cpo_loss``), ``liger``
+(``LigerFusedLinear{DPO,CPO,SimPO}Loss``, DPO with its own reference pass) and ``floor``; ``logprobs`` is DPO's
+reference pass (``[2B]`` sequence log-probs). See :mod:`.preference_problem`, :mod:`.preference_contenders` and
+:mod:`.preference_cli`.
+
 Method: warm-up runs are excluded; each figure is the median of ``--repeats`` runs with its min/max; CUDA events
 (with a synchronize before each run) on GPU, ``time.perf_counter`` on CPU. Before a contender is timed its loss,
 ``dL/dhidden`` and ``dL/dweight`` (or its log-probs) are compared with a reference: the float64 eager path at small
@@ -56,6 +64,20 @@ from .measure import (
     time_runs,
 )
 from .planning import default_profile, profile_choices, recorded_plans, run_explain, run_plans
+from .preference_contenders import (
+    PREFERENCE_CONTENDERS,
+    PreferenceFused,
+    PreferenceLiger,
+    PreferenceTrl,
+    build_preference_contenders,
+)
+from .preference_problem import (
+    PreferenceInputs,
+    PreferenceObjective,
+    compute_preference_reference,
+    make_preference_inputs,
+    preference_seq_len,
+)
 from .problem import (
     CPU_DEFAULTS,
     DTYPES,
@@ -84,6 +106,7 @@ __all__ = [
     "GPU_DEFAULTS",
     "MODELS",
     "MODES",
+    "PREFERENCE_CONTENDERS",
     "TOLERANCES",
     "Contender",
     "CudaMemory",
@@ -93,6 +116,11 @@ __all__ = [
     "Liger",
     "MemoryProbe",
     "ModelPreset",
+    "PreferenceFused",
+    "PreferenceInputs",
+    "PreferenceLiger",
+    "PreferenceObjective",
+    "PreferenceTrl",
     "ProcessMemory",
     "Progress",
     "Reference",
@@ -102,9 +130,11 @@ __all__ = [
     "TorchLinearCrossEntropy",
     "TrlChunked",
     "build_contenders",
+    "build_preference_contenders",
     "build_parser",
     "check_label",
     "check_outputs",
+    "compute_preference_reference",
     "compute_reference",
     "default_profile",
     "default_seq_len",
@@ -116,6 +146,8 @@ __all__ = [
     "library_versions",
     "main",
     "make_inputs",
+    "make_preference_inputs",
+    "preference_seq_len",
     "profile_choices",
     "recorded_plans",
     "relative_error",

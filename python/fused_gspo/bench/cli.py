@@ -18,6 +18,14 @@ from ..config import LEVELS, LOSS_TYPES, PolicyLossConfig
 from .contenders import CONTENDERS, GemmFloor, build_contenders
 from .measure import Result, measure, memory_probe, summarize
 from .planning import default_profile, profile_choices, recorded_plans, resolve_profile, run_explain
+from .preference_cli import add_preference_arguments, check_family_options, resolve_preference
+from .preference_contenders import PREFERENCE_CONTENDERS, build_preference_contenders
+from .preference_problem import (
+    PreferenceObjective,
+    compute_preference_reference,
+    make_preference_inputs,
+    preference_seq_len,
+)
 from .problem import (
     CPU_DEFAULTS,
     DTYPES,
@@ -68,45 +76,64 @@ def _workspace(text: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fused-gspo-bench",
-        description="Time forward, forward+backward and the no-grad log-prob pass of a GRPO-family loss through the "
-        "LM head, and its peak memory, for fused_gspo's backends, TRL's chunked head, Liger, PyTorch's "
-        "linear_cross_entropy and the bare GEMMs. With --explain, print the planner's plan instead and run nothing.",
+        description="Time forward, forward+backward and the no-grad log-prob pass of a GRPO-family loss (or, with "
+        "--objective dpo|cpo, a preference loss) through the LM head, and its peak memory, for fused_gspo's "
+        "backends, TRL, Liger, PyTorch's linear_cross_entropy (policy only) and the bare GEMMs. With --explain, print "
+        "the planner's plan instead and run nothing (policy objectives only).",
         epilog="Defaults: on a GPU the qwen3-8b head (H=4096, V=151936) at 8192 tokens in bf16; on CPU "
         f"{CPU_DEFAULTS['tokens']} tokens, H={CPU_DEFAULTS['hidden']}, V={CPU_DEFAULTS['vocab']}, fp32 (--explain: "
-        "the GPU defaults on a GPU profile). The objective defaults to GSPO (loss_type=grpo, level=sequence).",
+        "the GPU defaults on a GPU profile). The objective defaults to GSPO (loss_type=grpo, level=sequence); "
+        "--objective dpo / cpo take TRL 1.16's DPOConfig / CPOConfig defaults.",
     )
+    add_preference_arguments(parser)
     shape = parser.add_argument_group("shape")
     shape.add_argument("--model", choices=sorted(MODELS), help="take H, V (and softcapping) from a model's LM head")
-    shape.add_argument("--tokens", type=int, help="N, tokens per micro-batch (B * T)")
+    shape.add_argument("--tokens", type=int, help="N, tokens per micro-batch (B * T; dpo/cpo: 2B * T)")
     shape.add_argument("--hidden", type=int, help="H, hidden size (overrides --model)")
     shape.add_argument("--vocab", type=int, help="V, vocabulary size (overrides --model)")
-    shape.add_argument("--seq-len", type=int, help="T, tokens per sequence; B = tokens / T (default min(512, N/4))")
+    shape.add_argument(
+        "--seq-len",
+        type=int,
+        help="T, tokens per sequence; B = tokens / T (default min(512, N/4), lower for dpo/cpo if that leaves an "
+        "odd number of rows)",
+    )
     shape.add_argument(
         "--valid-frac", type=float, default=1.0, help="sequence lengths drawn in [frac*T, T] (default 1: no padding)"
     )
     shape.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default bf16 on GPU, fp32 on CPU)")
     shape.add_argument("--sweep-tokens", type=_token_list, help="comma list of token counts to run in turn")
-    obj = parser.add_argument_group("objective")
-    obj.add_argument("--loss-type", choices=LOSS_TYPES, default="grpo")
-    obj.add_argument("--level", choices=LEVELS, default="sequence", help="importance_sampling_level")
-    obj.add_argument("--beta", type=float, default=0.0, help="KL coefficient (needs ref log-probs, drawn at random)")
-    obj.add_argument("--epsilon", type=float, default=PolicyLossConfig.epsilon)
+    obj = parser.add_argument_group("objective (policy: --objective policy, the default)")
+    obj.add_argument("--loss-type", choices=LOSS_TYPES, help="default grpo")
+    obj.add_argument("--level", choices=LEVELS, help="importance_sampling_level (default sequence)")
+    obj.add_argument(
+        "--beta",
+        type=float,
+        help="policy: the KL coefficient (default 0; needs ref log-probs, drawn at random); dpo/cpo: beta "
+        "(default 0.1)",
+    )
+    obj.add_argument("--epsilon", type=float, help=f"default {PolicyLossConfig.epsilon}")
     obj.add_argument("--epsilon-high", type=float, default=None)
-    obj.add_argument("--temperature", type=float, default=1.0)
+    obj.add_argument("--temperature", type=float, help="default 1 (dpo/cpo score at temperature 1, as TRL does)")
     obj.add_argument("--softcap", type=float, default=None, help="final_logit_softcapping (default: the model's)")
     obj.add_argument(
         "--workspace-bytes",
         type=_workspace,
         default="auto",
         metavar="BYTES|auto",
-        help="the chunked backends' workspace budget (PolicyLossConfig.workspace_bytes) for every fused contender "
-        "and for the plans (default auto)",
+        help="the chunked backends' workspace budget (PolicyLossConfig.workspace_bytes; dpo/cpo: "
+        "fused_preference_loss's workspace_bytes) for every fused contender and for the plans (default auto)",
     )
     run = parser.add_argument_group("run")
     run.add_argument(
-        "--contenders", type=_csv("contender", CONTENDERS), default=list(CONTENDERS), help=",".join(CONTENDERS)
+        "--contenders",
+        type=_csv("contender", CONTENDERS),
+        help=f"policy: {','.join(CONTENDERS)}; dpo/cpo: {','.join(PREFERENCE_CONTENDERS)} (default: all of them)",
     )
-    run.add_argument("--modes", type=_csv("mode", MODES), default=list(MODES), help=",".join(MODES))
+    run.add_argument(
+        "--modes",
+        type=_csv("mode", MODES),
+        help=f"{','.join(MODES)} (default all; cpo: fwd,fwd_bwd, as it has no reference pass)",
+    )
     run.add_argument("--repeats", type=int, help="timed runs per figure (default 20 on GPU, 5 on CPU)")
     run.add_argument("--warmup", type=int, help="untimed runs first, after the check run (default 3 GPU, 1 CPU)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -146,12 +173,15 @@ class Settings:
     repeats: int
     warmup: int
     seed: int
-    config: PolicyLossConfig
+    config: PolicyLossConfig | PreferenceObjective  # what each contender is given
     explain: bool = False
     device_profile: str | None = None  # --explain's profile (a name fused_gspo.explain takes)
+    family: str = "policy"  # --objective: policy, dpo or cpo
 
     def objective(self) -> str:
         cfg = self.config
+        if isinstance(cfg, PreferenceObjective):
+            return cfg.describe()
         text = f"loss_type={cfg.loss_type} level={cfg.importance_sampling_level} beta={cfg.beta} "
         text += f"epsilon={cfg.epsilon}/{cfg.effective_epsilon_high}"
         if cfg.temperature != 1.0:
@@ -167,6 +197,8 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     """Fill the device-dependent defaults and validate what argparse cannot (errors exit through the parser)."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    check_family_options(args, parser.error)
+    family = args.objective
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     profile_name = None
     if args.explain:
@@ -208,19 +240,41 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         bad = [n for n in token_counts if n % args.seq_len]
         if bad:
             parser.error(f"--seq-len {args.seq_len} must divide the token count(s) {bad}")
-    try:
-        config = PolicyLossConfig(
-            loss_type=args.loss_type,
-            importance_sampling_level=args.level,
-            beta=args.beta,
-            epsilon=args.epsilon,
-            epsilon_high=args.epsilon_high,
-            temperature=args.temperature,
-            final_logit_softcapping=softcap,
-            workspace_bytes=args.workspace_bytes,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
+    if family != "policy":
+        if args.seq_len is not None:
+            odd = [n for n in token_counts if (n // args.seq_len) % 2]
+            if odd:
+                parser.error(f"--seq-len {args.seq_len}: token count(s) {odd} give an odd number of rows (dpo/cpo: 2B)")
+        odd = [n for n in token_counts if preference_seq_len(n) is None]
+        if odd:
+            parser.error(f"--tokens {odd}: dpo/cpo need an even token count (2B rows of T tokens)")
+    contenders = args.contenders or list(CONTENDERS if family == "policy" else PREFERENCE_CONTENDERS)
+    if family != "policy":
+        bad = [name for name in contenders if name not in PREFERENCE_CONTENDERS]
+        if bad:
+            parser.error(
+                f"--contenders {','.join(bad)}: not a contender for --objective {family}; choose from "
+                f"{','.join(PREFERENCE_CONTENDERS)}"
+            )
+    modes = args.modes or [m for m in MODES if family != "cpo" or m != "logprobs"]
+    if family == "cpo" and "logprobs" in modes:
+        parser.error("--modes logprobs: CPO has no reference model, so no reference pass (logprobs is dpo/policy)")
+    if family != "policy":
+        config = resolve_preference(args, softcap, parser.error)
+    else:
+        try:
+            config = PolicyLossConfig(
+                loss_type=args.loss_type or "grpo",
+                importance_sampling_level=args.level or "sequence",
+                beta=0.0 if args.beta is None else args.beta,
+                epsilon=PolicyLossConfig.epsilon if args.epsilon is None else args.epsilon,
+                epsilon_high=args.epsilon_high,
+                temperature=1.0 if args.temperature is None else args.temperature,
+                final_logit_softcapping=softcap,
+                workspace_bytes=args.workspace_bytes,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
     return Settings(
         device=torch.device("cuda" if on_gpu else "cpu"),
         model=model_name,
@@ -230,29 +284,57 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         seq_len=args.seq_len,
         dtype_name=args.dtype or defaults["dtype"],
         valid_frac=args.valid_frac,
-        contenders=args.contenders,
-        modes=args.modes,
+        contenders=contenders,
+        modes=modes,
         repeats=repeats,
         warmup=warmup,
         seed=args.seed,
         config=config,
         explain=args.explain,
         device_profile=profile_name,
+        family=family,
     )
 
 
+# What a preference run records instead of the planner's prediction
+PREFERENCE_PLAN_NOTE = (
+    "not recorded: the planner (fused_gspo.explain) has no entry point for the preference losses (fused_gspo-bench "
+    "--explain covers the policy objectives only)"
+)
+
+
 def run_benchmark(settings: Settings) -> tuple[list[dict], str]:
-    """Run every contender in every mode at each token count: one dict per token count, and the memory method."""
-    contenders = build_contenders(settings.contenders)
+    """Run every contender in every mode at each token count: one dict per token count, and the memory method.
+
+    The objects alive before it (modules, the interpreter's and a test runner's state) are frozen out of the
+    garbage collector meanwhile (``gc.freeze``): the ``gc.collect()`` before each memory probe and after each
+    measurement then walks only what the run allocated, in milliseconds rather than a quarter of a second once TRL
+    and transformers are imported."""
+    gc.collect()
+    gc.freeze()
+    try:
+        return _run_benchmark(settings)
+    finally:
+        gc.unfreeze()
+
+
+def _run_benchmark(settings: Settings) -> tuple[list[dict], str]:
+    preference = settings.family != "policy"
+    if preference:
+        contenders = build_preference_contenders(settings.contenders)
+        seq_len_of, make, reference = preference_seq_len, make_preference_inputs, compute_preference_reference
+    else:
+        contenders = build_contenders(settings.contenders)
+        seq_len_of, make, reference = default_seq_len, make_inputs, compute_reference
     memory = memory_probe(settings.device)
     progress = Progress(len(settings.token_counts) * len(contenders) * len(settings.modes))
     runs = []
     for tokens in settings.token_counts:
-        seq_len = settings.seq_len or default_seq_len(tokens)
+        seq_len = settings.seq_len or seq_len_of(tokens)
         shape = Shape(tokens, settings.hidden, settings.vocab, seq_len, DTYPES[settings.dtype_name])
         progress.show(f"N={tokens}: inputs and reference")
-        inputs = make_inputs(shape, settings.config, settings.device, settings.seed, settings.valid_frac)
-        ref = compute_reference(inputs, settings.config)
+        inputs = make(shape, settings.config, settings.device, settings.seed, settings.valid_frac)
+        ref = reference(inputs, settings.config)
         results = []
         for contender in contenders:
             reason = contender.prepare(inputs, settings.config)
@@ -266,30 +348,33 @@ def run_benchmark(settings: Settings) -> tuple[list[dict], str]:
                 results.append(measure(contender, mode, inputs, *args))
         summarize(results, inputs)
         lengths = inputs.row_lengths
-        runs.append(
-            {
-                "tokens": tokens,
-                "batch": shape.batch,
-                "seq_len": seq_len,
-                "valid_tokens": inputs.valid_tokens,
-                "inputs_mib": sum(t.numel() * t.element_size() for t in (inputs.hidden, inputs.weight)) / 2**20,
-                "reference": ref.kind,
-                "contenders": {c.name: c.description for c in contenders},
-                "notes": {c.name: c.note for c in contenders if c.note},
-                "results": results,
-                "row_lengths": lengths,
-                "plan": recorded_plans(
-                    inputs.valid_tokens,
-                    shape.hidden,
-                    shape.vocab,
-                    shape.dtype,
-                    lengths,
-                    settings.config,
-                    settings.modes,
-                    settings.device,
-                ),
-            }
-        )
+        tensors = inputs.tensors() if preference else (inputs.hidden, inputs.weight)
+        run = {
+            "tokens": tokens,
+            "batch": shape.batch,
+            "seq_len": seq_len,
+            "valid_tokens": inputs.valid_tokens,
+            "inputs_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20,
+            "reference": ref.kind,
+            "contenders": {c.name: c.description for c in contenders},
+            "notes": {c.name: c.note for c in contenders if c.note},
+            "results": results,
+            "row_lengths": lengths,
+        }
+        if preference:
+            run.update(pairs=shape.batch // 2, plan=None, plan_note=PREFERENCE_PLAN_NOTE)
+        else:
+            run["plan"] = recorded_plans(
+                inputs.valid_tokens,
+                shape.hidden,
+                shape.vocab,
+                shape.dtype,
+                lengths,
+                settings.config,
+                settings.modes,
+                settings.device,
+            )
+        runs.append(run)
         del inputs, ref
         gc.collect()
         if settings.device.type == "cuda":
@@ -319,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     timer = "CUDA events, synchronize before each run" if settings.device.type == "cuda" else "time.perf_counter"
     shape = f"H={settings.hidden}, V={settings.vocab}, {settings.dtype_name}"
     for run in runs:
-        tokens = f"N={run['tokens']} tokens (B={run['batch']} x T={run['seq_len']}, {run['valid_tokens']} valid)"
+        if "pairs" in run:
+            rows = f"2B={run['batch']} rows x T={run['seq_len']}: {run['pairs']} pairs"
+        else:
+            rows = f"B={run['batch']} x T={run['seq_len']}"
+        tokens = f"N={run['tokens']} tokens ({rows}, {run['valid_tokens']} valid)"
         print(f"\n{device['name']} ({settings.device.type}) | {tokens}, {shape} | {settings.objective()}")
         print(f"time: {timer}, median of {settings.repeats} runs after {settings.warmup} warm-up")
         print(f"memory: {memory_method}")
@@ -333,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         config = asdict(settings)
         config.update(device=str(settings.device), loss=config.pop("config"))
+        if settings.family != "policy":  # the loss config, and the head options beside it
+            config.update(loss=config["loss"].pop("loss"), head=config["loss"])
         report = {
             "command": shlex.join(command),
             "argv": command,

@@ -19,7 +19,7 @@ import torch
 
 from ..backends import resolve_backend, tile_ops_for
 from ..chunked import ChunkedHead, SinglePassFunction, logprobs, score, weight_gather
-from ..head import HeadParams, TokenStats, full_statistics
+from ..head import HeadParams, TokenStats, full_logprobs, full_statistics
 from ..plan.runtime import plan_call
 from ..tile_ops import stats_dtype_for
 from ..validation import validate_preference_inputs
@@ -206,8 +206,13 @@ def compute_preference_loss(
                                                          None if bias is None else bias.detach(), head, ops,
                                                          workspace_bytes)  # fmt: skip
 
-    if backend == "eager":
-        return _evaluated(layout, full_statistics(x, weight, bias, targets, head), base, config, hooks, train_eval)
+    if backend == "eager":  # DPO's metrics read the extra statistics; CPO's do not
+        stats = (
+            full_statistics(x, weight, bias, targets, head)
+            if dpo
+            else TokenStats(*full_logprobs(x, weight, bias, targets, head))
+        )
+        return _evaluated(layout, stats, base, config, hooks, train_eval)
 
     ops = tile_ops_for(backend)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))

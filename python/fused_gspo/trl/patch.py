@@ -1,8 +1,10 @@
-"""``use_fused_gspo_loss=True`` on TRL 1.16's GRPO, GMPO and RLOO trainers.
+"""``use_fused_gspo_loss=True`` on TRL 1.16's GRPO, GMPO and RLOO trainers (and, through :mod:`.dpo` and
+:mod:`.cpo`, its DPO and CPO trainers).
 
 What ``patch_trl()`` changes, and ``unpatch_trl()`` restores:
 
-- ``GRPOConfig``, ``RLOOConfig`` and ``GMPOConfig`` get a real dataclass field ``use_fused_gspo_loss: bool = False``
+- ``GRPOConfig``, ``RLOOConfig`` and ``GMPOConfig`` (and ``DPOConfig``, ``CPOConfig``) get a real dataclass field
+  ``use_fused_gspo_loss: bool = False``
   (:mod:`.config_field`: command lines, ``to_dict()``, saved arguments). With it off, the trainers run TRL's own
   code, untouched.
 - With it on, each trainer's ``_compute_loss`` runs :func:`fused_gspo.policy.compute_policy_loss` on the backbone's
@@ -433,7 +435,8 @@ def _config_classes():
 
 
 def patch_trl() -> None:
-    """Give TRL's GRPO, GMPO and RLOO configs the ``use_fused_gspo_loss`` field and their trainers the switch.
+    """Give TRL's GRPO, GMPO, RLOO, DPO and CPO configs the ``use_fused_gspo_loss`` field and their trainers the
+    switch.
 
     Idempotent; :func:`unpatch_trl` restores TRL exactly. With the flag off nothing about TRL changes.
     """
