@@ -24,7 +24,7 @@ _MAX_GRID_1 = 65535
 
 
 @triton.jit
-def _to_bf16_rne(x):
+def to_bf16_rne(x):
     """fp32 -> bf16, rounding to nearest even in integer arithmetic (NaN stays NaN). The interpreter's own conversion
     truncates (Triton 3.9), so under it this is what keeps CPU results equal to a GPU's ``cvt.rn.bf16.f32``."""
     bits = x.to(tl.uint32, bitcast=True)
@@ -96,7 +96,7 @@ def _logits_grad_kernel(
         else:
             grad = grad * grad_scale
         if SOFTWARE_BF16_ROUNDING:
-            out = _to_bf16_rne(grad)
+            out = to_bf16_rne(grad)
         else:
             out = grad.to(g_ptr.dtype.element_ty)
         if NARROW_IN_PLACE:

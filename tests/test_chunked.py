@@ -80,12 +80,24 @@ def test_gradient_output_is_scaled_in_place():
         acc = _GradAccumulators(hidden, weight, None, (True, True, False), workspace)
         acc.dx.copy_(torch.randn(4, 3))
         acc.dw.copy_(torch.randn(5, 3))
+        acc.summed = True  # as after a chunk's add
         expected = [acc.dx * 2.5, acc.dw * 2.5]
         dw_storage = acc.dw.data_ptr()
         dx, dw, db = acc.results(scale=torch.tensor(2.5))
         assert db is None and dx.dtype == dw.dtype == dtype
         assert torch.equal(dw, expected[1].to(dtype)) and torch.equal(dx, expected[0].to(dtype))
         assert (dw.data_ptr() == dw_storage) == (dtype == torch.float32)
+
+
+def test_weight_gradient_without_any_chunk_is_zero():
+    """dW and db are written by the first chunk (no zero fill); with no chunk at all they come back as zeros."""
+    hidden = torch.randn(0, 3).requires_grad_()
+    weight, bias = torch.randn(5, 3).requires_grad_(), torch.randn(5).requires_grad_()
+    workspace = _Workspace(hidden, weight, bias, _call([]))
+    acc = _GradAccumulators(hidden, weight, bias, (True, True, True), workspace)
+    acc.dw.fill_(float("nan")), acc.db.fill_(float("nan"))
+    dx, dw, db = acc.results(scale=torch.tensor(2.0))
+    assert dx.shape == (0, 3) and torch.equal(dw, torch.zeros(5, 3)) and torch.equal(db, torch.zeros(5))
 
 
 def test_single_pass_gradient_is_scaled_by_the_incoming_gradient():

@@ -99,23 +99,25 @@ class Normalizers:
     ) -> Normalizers:
         mask = batch.mask
         B, T = batch.rows.num, batch.rows.width
-        num_items = float(mask.sum()) if num_items_in_batch is None else float(num_items_in_batch)
+        effective = mask if entropy_mask is None else mask * entropy_mask
+        # the host's one read of the counts (each read waits for the device)
+        tokens, effective_tokens = torch.stack([mask.sum(), effective.sum()]).tolist()
+        num_items = tokens if num_items_in_batch is None else float(num_items_in_batch)
         max_len = T if config.max_completion_length is None else config.max_completion_length
         if max_len is None and config.loss_type == "dr_grpo":
             raise ValueError(
                 "loss_type='dr_grpo' divides by max_completion_length, which a packed batch cannot infer: set it"
             )
-        effective = mask if entropy_mask is None else mask * entropy_mask
         return Normalizers(
             num_sequences=float(B),
-            num_tokens=max(float(mask.sum()), 1.0),
+            num_tokens=max(tokens, 1.0),
             dr_grpo=float(B * (max_len or 0)),
             dapo=max(num_items, 1.0)
             / config.num_processes
             * config.gradient_accumulation_steps
             / config.effective_steps_per_generation,
             accumulation=float(config.gradient_accumulation_steps),
-            entropy_tokens=max(float(effective.sum()), 1.0),
+            entropy_tokens=max(effective_tokens, 1.0),
         )
 
 

@@ -12,6 +12,8 @@ states, or a packed ``[N, H]`` holds just them), asks the planner for a strategy
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,24 +61,28 @@ class CrossProcess:
 
 class TokenLayout:
     """The valid tokens' positions, in the order of the flattened per-token layout (row-major ``[B, T]``, or the
-    packed ``[N]``): the order of packed hidden states and of the chunks."""
+    packed ``[N]``): the order of packed hidden states and of the chunks. Tokens come row by row, so each row's valid
+    tokens are one contiguous range of that order."""
 
     def __init__(self, valid: torch.Tensor, rows: PaddedRows | PackedRows):
         self.valid, self.rows = valid, rows
         self.positions = valid.reshape(-1).nonzero().flatten()
-        width = rows.width
-        self.token_rows = self.positions // width if width else rows.seq_ids[self.positions]
-        self._row_list: list[int] | None = None
-
-    @property
-    def row_list(self) -> list[int]:
-        """Each valid token's row, on the host (read once, when a chunk objective needs row ranges)."""
-        if self._row_list is None:
-            self._row_list = self.token_rows.tolist()
-        return self._row_list
+        self._row_ends: list[int] | None = None
 
     def row_counts(self) -> list[int]:
-        return self.rows.sum(self.valid.to(torch.float32)).long().tolist()
+        """Valid tokens per row, on the host: read once (a device sync), before any chunk is queued, so the device
+        never waits on the host in the middle of the chunks."""
+        if self._row_ends is None:
+            counts = self.rows.sum(self.valid.to(torch.float32)).long().tolist()
+            self._row_ends = list(itertools.accumulate(counts))
+        return [end - start for start, end in zip([0, *self._row_ends[:-1]], self._row_ends, strict=True)]
+
+    def row_range(self, start: int, stop: int) -> tuple[int, int]:
+        """``[r0, r1)``: the rows holding valid tokens ``[start, stop)`` (``stop > start``)."""
+        if self._row_ends is None:
+            self.row_counts()
+        ends = self._row_ends
+        return bisect.bisect_right(ends, start), bisect.bisect_right(ends, stop - 1) + 1
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The valid tokens' entries of a per-token tensor (``[B, T, ...]`` or ``[N, ...]``), in order."""
@@ -101,6 +107,7 @@ class PolicyChunkObjective:
 
     def __init__(self, layout: TokenLayout, batch: PolicyBatch, config: PolicyLossConfig, norms: Normalizers):
         self.layout, self.batch, self.config, self.norms = layout, batch, config, norms
+        layout.row_counts()  # the host's one read of the rows, now rather than after the first chunk is queued
         placeholder = torch.zeros(layout.valid.shape, device=layout.valid.device, dtype=batch.mask.dtype)
         if batch.old_logps is not None and batch.old_logps.shape == layout.valid.shape:
             placeholder = torch.where(layout.valid, batch.old_logps, placeholder)
@@ -111,8 +118,7 @@ class PolicyChunkObjective:
 
     def grad(self, start: int, stop: int, stats: TokenStats):
         logp, entropy = stats.logp, stats.entropy
-        rows = self.layout.row_list
-        r0, r1 = rows[start], rows[stop - 1] + 1
+        r0, r1 = self.layout.row_range(start, stop)
         starts = self.batch.rows.row_starts()
         first, last = starts[r0], starts[r1]
         idx = (self.layout.positions[start:stop] - first,)

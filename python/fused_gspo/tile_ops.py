@@ -77,7 +77,15 @@ class FusedLogProbs(Protocol):
         ...
 
 
-__all__ = ["FusedLogProbs", "TileOps", "TokenStats", "has_fused_logprobs", "stats_dtype_for"]
+class ScaleCast(Protocol):
+    """Optional: the gradients handed back in one pass, ``(acc * scale).to(dtype)`` with ``scale`` a device scalar
+    (the driver falls back to ``torch.mul`` without it). A backend offers it as ``ops.scale_cast``."""
+
+    @staticmethod
+    def scale_cast(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+__all__ = ["FusedLogProbs", "ScaleCast", "TileOps", "TokenStats", "has_fused_logprobs", "stats_dtype_for"]
 
 
 def stats_dtype_for(dtype: torch.dtype) -> torch.dtype:

@@ -23,6 +23,7 @@ from .kernels.launch_config import interpreting
 from .kernels.linear_logprob import linear_logprob
 from .kernels.logits_grad import logits_grad_
 from .kernels.logsumexp_stats import logsumexp_stats
+from .kernels.scale_cast import scale_cast
 
 # Float64 chunks go through TorchTileOps in this many row slices (its temporaries: 3 slices' worth of logits)
 _FALLBACK_SLICES = 4
@@ -117,6 +118,14 @@ class TritonTileOps:
             *_head_args(head),
             out_dtype=grad_dtype,
         )
+
+    @staticmethod
+    def scale_cast(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(acc * scale).to(dtype)`` for the gradients handed back: one streaming pass (float32 ``acc``)."""
+        if acc.dtype != torch.float32 or not acc.is_contiguous() or scale.numel() != 1:
+            return torch.mul(acc, scale, out=torch.empty_like(acc, dtype=dtype))
+        _check_runnable(acc)
+        return scale_cast(acc, scale.to(acc.device), dtype)
 
     @staticmethod
     def fused_logprobs(hidden, weight, bias, targets, head: HeadParams):

@@ -60,10 +60,12 @@ def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def _check_ids(name: str, ids: torch.Tensor, vocab: int, where: torch.Tensor | None = None) -> None:
-    checked = ids if where is None else ids[where]
-    if checked.numel() and (int(checked.min()) < 0 or int(checked.max()) >= vocab):
-        bad = int(checked.min()) if int(checked.min()) < 0 else int(checked.max())
-        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})")
+    if not ids.numel():
+        return
+    checked = ids if where is None else torch.where(where, ids, 0)  # 0 is in range: masked ids pass
+    lo, hi = torch.stack([checked.min(), checked.max()]).tolist()  # one read (each waits for the device)
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{name} holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {vocab})")
 
 
 def validate_logprob_inputs(*, hidden, weight, targets, bias, values: bool = True) -> None:

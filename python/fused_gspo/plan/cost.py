@@ -109,12 +109,16 @@ class Stage:
     kernels: int = 1
     operands: str | None = None  # a GEMM's operand key for DeviceProfile.gemm_flops ("bf16", "fp32", "tf32", ...)
     passes: int = 1  # tensor-core passes per FLOP (3xTF32 dots: three)
+    fused_gemm: bool = False  # our Triton matmul-with-epilogue: DeviceProfile.fused_gemm_efficiency of the library rate
 
     def seconds(self, profile: DeviceProfile) -> tuple[float, str]:
         """``(time, bound)``: the roofline bound (compute, memory or exp) plus the kernels' fixed cost."""
         terms = {"memory": self.bytes / profile.stream_bandwidth, "exp": self.exps / profile.exp_rate}
         if self.flops:
-            terms["compute"] = self.flops * self.passes / profile.gemm_flops(self.operands)
+            rate = profile.gemm_flops(self.operands)
+            if self.fused_gemm:
+                rate *= profile.fused_gemm_efficiency
+            terms["compute"] = self.flops * self.passes / rate
         bound = max(terms, key=terms.get)
         fixed = self.kernels * profile.small_kernel_us * 1e-6
         seconds = terms[bound] + fixed
@@ -200,6 +204,7 @@ def fused_logprobs(p: Problem) -> Stage:
     stage = _gemm("fused log-probs", p.tokens, p.vocab, p.hidden, ob, 0, p.dtype)
     stage.exps = p.tokens * p.vocab * (2 if p.softcap else 1)
     stage.kernels = 2  # the kernel and the merge of its partials
+    stage.fused_gemm = True
     if p.dtype == torch.float32:  # 3xTF32 dots: three TF32 tensor-core passes, still faster than plain FP32
         stage.operands, stage.passes = "tf32", 3
     return stage
@@ -288,7 +293,7 @@ def schedule_cost(
     costed once."""
     runs: list[tuple[str, list[int]]] = []
     tail: list[Stage] = []
-    if mode == "logprobs" and fmt.fused_logprobs:
+    if strategy == "fused":
         tail.append(fused_logprobs(p))
     elif mode == "logprobs" or strategy == "two_phase":
         runs.append(("score", sizes))
@@ -346,7 +351,7 @@ def peak_bytes(p: Problem, fmt: ChunkFormat, widest: int, strategy: str, mode: s
     stats = p.tokens * 8 * _bytes(fmt.stats_dtype)  # log-probs, entropies, log-sum-exps, their [B, T] scatters
     weight = p.vocab * p.hidden * _bytes(fmt.operand_dtype) if weight_copy else 0
     if mode == "logprobs":
-        return (0 if fmt.fused_logprobs else workspace + weight) + stats
+        return (0 if strategy == "fused" else workspace + weight) + stats
     grad = mode == "fwd_bwd" or strategy == "single_pass"
     accumulators = 0
     outputs = 0

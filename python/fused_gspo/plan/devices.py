@@ -38,6 +38,10 @@ class DeviceProfile:
     multiprocessors: int
     clock_hz: float  # boost clock: with the multiprocessor count it gives the exp() throughput
     gemm_efficiency: float = 0.75
+    # what the Triton matmul-with-epilogue kernel (the no-grad log-prob pass) reaches of the library GEMM's rate:
+    # 25.7 ms against cuBLAS's 14.1 ms at N=8192, H=4096, V=151936, bf16 on an H100 SXM (Triton 3.6,
+    # bench/results/gpu-h100-profile.json)
+    fused_gemm_efficiency: float = 0.55
     bandwidth_efficiency: float = 0.9
     small_kernel_us: float = 3.0  # device time of a tiny elementwise kernel, launch latency included
     exp_per_clock_per_sm: int = 16  # special-function unit throughput (ex2) per multiprocessor

@@ -122,12 +122,14 @@ def candidates(
     n = problem.tokens
     if n == 0:
         return [("single_pass" if mode != "logprobs" else "two_phase", [])]
-    if mode == "logprobs" and fmt.fused_logprobs:
-        return [("fused", [])]
+    # the no-grad pass: the fused kernel (no workspace) first, then the chunked cuBLAS path where a row fits
+    fused = [("fused", [])] if mode == "logprobs" and fmt.fused_logprobs else []
+    if capacity < 1:
+        return fused
     fewest = -(-n // capacity)
     out = [("two_phase", token_bounds(n, k)) for k in range(fewest, min(fewest + EXTRA_CANDIDATES, n) + 1)]
     if mode == "logprobs" or coupling == "global":
-        return out
+        return fused + out
     if coupling == "token":
         single = [token_bounds(n, k) for k in range(fewest, min(fewest + EXTRA_CANDIDATES, n) + 1)]
     else:
@@ -176,7 +178,7 @@ def choose(
     decide_by = "fwd_bwd" if mode == "fwd" else mode
     scored = []
     alternatives: dict[str, float] = {}
-    for strategy, bounds in candidates(problem, fmt, coupling, row_counts, max(capacity, 1), mode):
+    for strategy, bounds in candidates(problem, fmt, coupling, row_counts, capacity, mode):
         costing = schedule_cost(problem, fmt, _sizes(bounds), strategy, decide_by, profile)
         alternatives[strategy] = min(alternatives.get(strategy, float("inf")), costing.ms)
         scored.append((costing.ms, strategy, bounds, costing))
@@ -221,7 +223,7 @@ def auto_workspace_bytes(
         free_bytes = ASSUMED_FREE_FRACTION * profile.memory_bytes
     row = fmt.bytes_per_token(problem.vocab, problem.hidden)
     cap = max(int(AUTO_FREE_FRACTION * free_bytes), row)
-    if problem.tokens == 0 or (mode == "logprobs" and fmt.fused_logprobs):
+    if problem.tokens == 0:
         return max(min(AUTO_MIN_BYTES, cap), row)
 
     def plan_for(tokens_per_chunk: int) -> ChunkPlan:
