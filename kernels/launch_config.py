@@ -31,8 +31,8 @@ LAUNCH_CONFIGS = {
         "merge_stats": {"BLOCK_R": 32, "num_warps": 4},
         # one row x BLOCK_V logits per iteration
         "logits_grad": {"BLOCK_V": 2048, "num_warps": 8},
-        # BLOCK elements of an fp32 gradient accumulator, scaled and cast
-        "scale_cast": {"BLOCK": 4096, "num_warps": 8},
+        # BLOCK_SIZE elements of an fp32 gradient accumulator, scaled and cast
+        "scale_cast": {"BLOCK_SIZE": 4096, "num_warps": 8},
         # BLOCK_N tokens x BLOCK_V vocabulary entries, BLOCK_H of the hidden size per tl.dot (bf16/fp16 operands;
         # sm_90 offline compile of the unit-stride variant contiguous inputs run: 202 registers, no spills, 96 KiB
         # shared memory)
@@ -49,7 +49,7 @@ LAUNCH_CONFIGS = {
         # software_bf16_rounding: the interpreter's fp32 -> bf16 conversion truncates (Triton 3.9); a GPU rounds to
         # nearest even, which the kernel then does in integer arithmetic
         "logits_grad": {"BLOCK_V": 4096, "num_warps": 1, "software_bf16_rounding": True},
-        "scale_cast": {"BLOCK": 1 << 16, "num_warps": 1, "software_bf16_rounding": True},
+        "scale_cast": {"BLOCK_SIZE": 1 << 16, "num_warps": 1, "software_bf16_rounding": True},
         # bf16_dot_in_fp32: the interpreter's tl.dot multiplies bf16 operands' raw bits (Triton 3.9)
         "linear_logprob": {
             "BLOCK_N": 64,

@@ -15,11 +15,11 @@ from .launch_config import device_guard, launch_config
 from .logits_grad import to_bf16_rne
 
 
-# Program p: elements [p * BLOCK, (p + 1) * BLOCK) of the flattened tensors. Grid: (cdiv(n, BLOCK),).
+# Program p: elements [p * BLOCK_SIZE, (p + 1) * BLOCK_SIZE) of the flattened tensors. Grid: (cdiv(n, BLOCK_SIZE),).
 # Memory: reads 4 bytes and writes 2 (bf16/fp16) or 4 bytes per element, plus the scalar.
 @triton.jit
-def _scale_cast_kernel(acc_ptr, out_ptr, scale_ptr, n, SOFTWARE_BF16_ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _scale_cast_kernel(acc_ptr, out_ptr, scale_ptr, n, SOFTWARE_BF16_ROUNDING: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     in_range = offsets < n
     x = tl.load(acc_ptr + offsets, mask=in_range, other=0.0) * tl.load(scale_ptr).to(tl.float32)
     if SOFTWARE_BF16_ROUNDING:
@@ -44,13 +44,13 @@ def scale_cast(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> to
         return out
     cfg = launch_config("scale_cast")
     with device_guard(acc):
-        _scale_cast_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
+        _scale_cast_kernel[(triton.cdiv(n, cfg["BLOCK_SIZE"]),)](
             acc,
             out,
             scale.reshape(1).to(torch.float32),
             n,
             SOFTWARE_BF16_ROUNDING=dtype == torch.bfloat16 and cfg.get("software_bf16_rounding", False),
-            BLOCK=cfg["BLOCK"],
+            BLOCK_SIZE=cfg["BLOCK_SIZE"],
             num_warps=cfg["num_warps"],
         )
     return out

@@ -38,7 +38,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fused_gspo.kernels import launch_config, linear_logprob, logits_grad, logsumexp_stats
+from fused_gspo.kernels import launch_config, linear_logprob, logits_grad, logsumexp_stats, scale_cast
 
 gpu = launch_config.LAUNCH_CONFIGS["gpu"]
 # integer arguments marked divisible by 16, as Triton specializes multiples of 16 at launch (row strides of V =
@@ -133,6 +133,16 @@ def grad_builds():
                 assert re.search(r"cvt\.rn\.(bf16|f16)", ptx), f"{what}: not rounded to nearest"
 
 
+def scale_cast_builds():
+    cfg = gpu["scale_cast"]
+    for out in ("bf16", "fp16"):
+        def types(name, out=out):
+            return {"acc_ptr": "*fp32", "out_ptr": "*" + out, "scale_ptr": "*fp32"}.get(name, "i32")
+        consts = dict(SOFTWARE_BF16_ROUNDING=False, BLOCK_SIZE=cfg["BLOCK_SIZE"])
+        ptx = build(f"scale_cast {out}", scale_cast._scale_cast_kernel, types, consts, cfg, 90).asm["ptx"]
+        assert re.search(r"cvt\.rn\.(bf16|f16)", ptx), f"scale_cast {out}: not rounded to nearest"
+
+
 def linear_builds(unit_strides):
     for dtype, arch in (("bf16", 90), ("fp16", 90), ("fp32", 90), ("bf16", 80)):
         if dtype == "fp16" and not unit_strides:
@@ -156,6 +166,7 @@ def linear_builds(unit_strides):
 if sys.argv[1] == "0":
     stats_builds()
     grad_builds()
+    scale_cast_builds()
     linear_builds(unit_strides=False)
 else:
     linear_builds(unit_strides=True)
@@ -212,5 +223,6 @@ def test_kernels_compile_for_cuda_offline(tmp_path):
         "linear_logprob bf16 sm_90 unit strides",
         "linear_logprob bf16 sm_80 unit strides",
         "merge_stats",
+        "scale_cast bf16",
     ):
         assert expected in built, built

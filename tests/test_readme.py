@@ -42,3 +42,28 @@ def test_the_loss_step_compiles_with_fullgraph():
 def test_commands_come_first():
     head = README.read_text().split("---")[0]
     assert "fused-gspo-bench" in head and "pytest" in head
+
+
+def test_the_preference_recipes_build_with_the_flag():
+    """The paper-index recipes (DPO, AlphaPO) construct as written, flag on. bf16=False only because TRL refuses
+    its bf16 default on a machine without a GPU."""
+    import pytest
+
+    pytest.importorskip("trl")
+    import fused_gspo
+
+    block = next(b for b in _python_blocks() if "alphapo_args = CPOConfig(" in b)
+    block = block.replace("use_fused_gspo_loss=True", "use_fused_gspo_loss=True, bf16=False")
+    namespace = {"__name__": "readme"}
+    try:
+        exec(compile(block, str(README), "exec"), namespace)
+        dpo, alphapo = namespace["dpo_args"], namespace["alphapo_args"]
+        assert dpo.use_fused_gspo_loss and (dpo.loss_type, dpo.beta) == (["sigmoid"], 0.1)
+        assert alphapo.use_fused_gspo_loss and (alphapo.loss_type, alphapo.alpha, alphapo.beta) == (
+            "simpo",
+            0.25,
+            2.5,
+        )
+        assert alphapo.simpo_gamma == 0.1 and alphapo.cpo_alpha == 0.0  # TRL turns alphapo into simpo, no NLL term
+    finally:
+        fused_gspo.unpatch_trl()

@@ -15,7 +15,7 @@ import torch
 from ..api import fused_logprobs, fused_preference_loss
 from ..preference import CPOLossConfig, DPOLossConfig
 from ..preference.dpo import reference_logps
-from .problem import REFERENCE_FP64_MAX_LOGITS, Reference, Shape, _lengths
+from .problem import Reference, Shape, _lengths, reference_precision
 
 PREFERENCE_FAMILIES = ("dpo", "cpo")
 # The reference model of the DPO inputs: its hidden states are the policy's plus N(0, REF_HIDDEN_NOISE^2) noise and its
@@ -164,10 +164,7 @@ def compute_preference_reference(inputs: PreferenceInputs, objective: Preference
     """Loss and gradients from ``fused_preference_loss`` in float64 on the eager path (small shapes) or in float32
     on our torch backend; ``logps`` (DPO): the reference pass's ``[2B]`` sequence log-probs (chosen, then
     rejected) from the reference model's hidden states and head, the same way."""
-    if inputs.valid_tokens * inputs.weight.shape[0] <= REFERENCE_FP64_MAX_LOGITS:
-        dtype, backend, kind = torch.float64, "eager", "float64 eager (full logits)"
-    else:
-        dtype, backend, kind = torch.float32, "torch", "float32 torch backend (chunked)"
+    dtype, backend, kind = reference_precision(inputs.valid_tokens, inputs.weight.shape[0])
     hidden = inputs.hidden.detach().to(dtype).requires_grad_()
     weight = inputs.weight.detach().to(dtype).requires_grad_()
     out = fused_preference_loss(

@@ -161,12 +161,17 @@ class Reference:
     logps: torch.Tensor  # [n] at the valid tokens
 
 
+def reference_precision(valid_tokens: int, vocab: int) -> tuple[torch.dtype, str, str]:
+    """``(dtype, backend, description)`` of the reference: float64 eager (full logits) while the logits stay under
+    :data:`REFERENCE_FP64_MAX_LOGITS`, else float32 on our torch backend (chunked)."""
+    if valid_tokens * vocab <= REFERENCE_FP64_MAX_LOGITS:
+        return torch.float64, "eager", "float64 eager (full logits)"
+    return torch.float32, "torch", "float32 torch backend (chunked)"
+
+
 def compute_reference(inputs: Inputs, cfg: PolicyLossConfig) -> Reference:
     """Loss, gradients and log-probs from the float64 eager path (small shapes) or our float32 torch backend."""
-    if inputs.valid_tokens * inputs.weight.shape[0] <= REFERENCE_FP64_MAX_LOGITS:
-        dtype, backend, kind = torch.float64, "eager", "float64 eager (full logits)"
-    else:
-        dtype, backend, kind = torch.float32, "torch", "float32 torch backend (chunked)"
+    dtype, backend, kind = reference_precision(inputs.valid_tokens, inputs.weight.shape[0])
     hidden = inputs.hidden.detach().to(dtype).requires_grad_()
     weight = inputs.weight.detach().to(dtype).requires_grad_()
     out = fused_policy_loss(

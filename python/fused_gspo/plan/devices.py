@@ -3,9 +3,11 @@
 A profile holds datasheet peaks (dense tensor-core FLOP/s per operand dtype, HBM bandwidth, memory) and the fraction
 of each that real kernels reach (``gemm_efficiency``, ``bandwidth_efficiency``). The efficiencies are the cost model's
 calibration knobs: 0.75 of the bf16 peak is what large cuBLAS GEMMs reach on an H100 (about 740 of 989 TFLOP/s) and
-0.9 of the bandwidth what a streaming kernel reaches; neither has been measured by this project yet (see
-``docs/design.md``, "Calibrating the model"). ``small_kernel_us`` is the device time of one tiny kernel (the objective's
-per-chunk epilogue is dozens of them).
+0.9 of the bandwidth what a streaming kernel reaches. Both were measured on an H100 SXM (2026-11-23,
+``bench/gpu_checks.py``): 733 TFLOP/s for the bf16 GEMM at the LM head's shape and 3.02 TB/s for a device copy,
+against the profile's 742 and 3.02 (``bench/results/gpu-h100-checks.json``); other devices are datasheet
+figures (``docs/design.md``, "Calibrating the model"). ``small_kernel_us`` is the device time of one tiny kernel (the
+objective's per-chunk epilogue is dozens of them).
 
 Profiles are found from ``torch.cuda.get_device_name()`` (:func:`profile_for_device`) or by name (:func:`get_profile`,
 which works on a machine without a GPU: ``explain(..., device="h100")``). A GPU missing from the table gets

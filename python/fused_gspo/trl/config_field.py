@@ -86,3 +86,24 @@ def remove_flag_field(cls: type) -> None:
 
 def has_flag_field(cls: type) -> bool:
     return cls in _originals
+
+
+def flag_on(trainer) -> bool:
+    """Whether a trainer's arguments switch the fused loss on."""
+    return bool(getattr(trainer.args, FLAG, False))
+
+
+def init_validated_by(validate):
+    """A replacement factory for a trainer's ``__init__``: TRL's own, then ``validate(trainer)`` when the flag is on,
+    so what the fused loss cannot reproduce fails at construction."""
+
+    def factory(original):
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            if flag_on(self):
+                validate(self)
+
+        return __init__
+
+    return factory

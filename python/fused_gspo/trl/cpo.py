@@ -44,15 +44,11 @@ from ..chunked import weight_gather
 from ..head import HeadParams
 from ..preference.config import CPOLossConfig
 from ..preference.head import MetricHooks, compute_preference_loss
-from .config_field import FLAG
+from .config_field import flag_on, init_validated_by
 
 # The chunked head's scratch budget for every fused CPO call (``"auto"``: the planner's default, see docs/design.md;
 # on CPU a fixed 512 MiB). Read at each call.
 WORKSPACE_BYTES: int | str = "auto"
-
-
-def _flag_on(trainer) -> bool:
-    return bool(getattr(trainer.args, FLAG, False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,21 +315,11 @@ def validate_trainer(trainer) -> None:
 def _switch(original):
     @functools.wraps(original)
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):
-        if _flag_on(self):
+        if flag_on(self):
             return _fused_get_batch_loss_metrics(self, model, batch, train_eval)
         return original(self, model, batch, train_eval)
 
     return get_batch_loss_metrics
-
-
-def _validated_init(original):
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if _flag_on(self):
-            validate_trainer(self)
-
-    return __init__
 
 
 def targets() -> list:
@@ -342,7 +328,7 @@ def targets() -> list:
 
     return [
         (CPOTrainer, "get_batch_loss_metrics", _switch),
-        (CPOTrainer, "__init__", _validated_init),
+        (CPOTrainer, "__init__", init_validated_by(validate_trainer)),
     ]
 
 

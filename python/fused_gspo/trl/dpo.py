@@ -61,17 +61,13 @@ from ..preference.config import DPOLossConfig
 from ..preference.dpo import reference_logps
 from ..preference.head import MetricHooks, compute_preference_loss
 from . import patch
-from .config_field import FLAG
+from .config_field import flag_on, init_validated_by
 
 # The chunked head's scratch budget for every fused DPO call (``"auto"``: the planner's default). Read at each call.
 WORKSPACE_BYTES: int | str = "auto"
 
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
 _warned: set = set()
-
-
-def _flag_on(trainer) -> bool:
-    return bool(getattr(trainer.args, FLAG, False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,7 +445,7 @@ def validate_trainer(trainer) -> None:
 def _switch_compute_loss(original):
     @functools.wraps(original)
     def _compute_loss(self, model, inputs, return_outputs=False):
-        if _flag_on(self):
+        if flag_on(self):
             return _fused_compute_loss(self, model, inputs, return_outputs, original)
         return original(self, model, inputs, return_outputs)
 
@@ -459,21 +455,11 @@ def _switch_compute_loss(original):
 def _switch_compute_ref_log_probs(original):
     @functools.wraps(original)
     def compute_ref_log_probs(self, model, inputs):
-        if _flag_on(self):
+        if flag_on(self):
             return _fused_compute_ref_log_probs(self, model, inputs)
         return original(self, model, inputs)
 
     return compute_ref_log_probs
-
-
-def _validated_init(original):
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if _flag_on(self):
-            validate_trainer(self)
-
-    return __init__
 
 
 def targets() -> list:
@@ -483,7 +469,7 @@ def targets() -> list:
     return [
         (DPOTrainer, "_compute_loss", _switch_compute_loss),
         (DPOTrainer, "compute_ref_log_probs", _switch_compute_ref_log_probs),
-        (DPOTrainer, "__init__", _validated_init),
+        (DPOTrainer, "__init__", init_validated_by(validate_trainer)),
     ]
 
 

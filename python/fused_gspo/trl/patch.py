@@ -32,14 +32,10 @@ from ..api import fused_logprobs
 from ..chunked import weight_gather
 from ..config import PolicyLossConfig
 from ..policy import CrossProcess, compute_policy_loss
-from .config_field import FLAG, add_flag_field, remove_flag_field
+from .config_field import add_flag_field, flag_on, init_validated_by, remove_flag_field
 
 _request: contextvars.ContextVar = contextvars.ContextVar("fused_gspo_request", default=None)
 _saved: dict = {}
-
-
-def _flag_on(trainer) -> bool:
-    return bool(getattr(trainer.args, FLAG, False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,7 +369,7 @@ def _rloo_compute_loss(self, model, inputs):
 def _switch(original, fused):
     @functools.wraps(original)
     def _compute_loss(self, model, inputs):
-        return fused(self, model, inputs) if _flag_on(self) else original(self, model, inputs)
+        return fused(self, model, inputs) if flag_on(self) else original(self, model, inputs)
 
     return _compute_loss
 
@@ -381,7 +377,7 @@ def _switch(original, fused):
 def _fused_logps_when_flagged(original):
     @functools.wraps(original)
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        if not _flag_on(self) or _request.get() is not None:
+        if not flag_on(self) or _request.get() is not None:
             return original(self, *args, **kwargs)
         with _active(_LogProbRequest()):
             return original(self, *args, **kwargs)
@@ -389,17 +385,11 @@ def _fused_logps_when_flagged(original):
     return _get_per_token_logps_and_entropies
 
 
-def _validated_init(original):
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if _flag_on(self):
-            try:
-                policy_config_for(self, "train", 1.0 if self.__dict__.get("_entropy_bonus_enabled") else 0.0)
-            except ValueError as exc:
-                raise ValueError(f"use_fused_gspo_loss=True cannot reproduce this trainer's loss: {exc}") from exc
-
-    return __init__
+def _validate_policy_trainer(trainer) -> None:
+    try:
+        policy_config_for(trainer, "train", 1.0 if trainer.__dict__.get("_entropy_bonus_enabled") else 0.0)
+    except ValueError as exc:
+        raise ValueError(f"use_fused_gspo_loss=True cannot reproduce this trainer's loss: {exc}") from exc
 
 
 def _targets():
@@ -418,8 +408,8 @@ def _targets():
         (RLOOTrainer, "_compute_loss", lambda f: _switch(f, _rloo_compute_loss)),
         (GRPOTrainer, "_get_per_token_logps_and_entropies", _fused_logps_when_flagged),
         (RLOOTrainer, "_get_per_token_logps_and_entropies", _fused_logps_when_flagged),
-        (GRPOTrainer, "__init__", _validated_init),
-        (RLOOTrainer, "__init__", _validated_init),
+        (GRPOTrainer, "__init__", init_validated_by(_validate_policy_trainer)),
+        (RLOOTrainer, "__init__", init_validated_by(_validate_policy_trainer)),
         *dpo.targets(),
         *cpo.targets(),
     ]
