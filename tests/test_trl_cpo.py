@@ -29,7 +29,7 @@ from transformers import (  # noqa: E402
     T5Config,
     T5ForConditionalGeneration,
 )
-from trl_helpers import WORDS, assert_same_training, small_config, tiny_model  # noqa: E402
+from trl_helpers import CPU_TRAINING_ARGS, WORDS, assert_same_training, small_config, tiny_model  # noqa: E402
 
 # fixtures, re-exported (``x as x``) so that pytest registers them in this module
 from trl_helpers import patched_fixture as patched_fixture  # noqa: E402
@@ -102,9 +102,8 @@ def train_cpo(tokenizer, make_model, flag: bool, peft_config=None, workspace="au
 def _train_and_record(tokenizer, make_model, flag, peft_config, **kwargs):
     torch.manual_seed(1234)
     args = dict(
-        output_dir="/tmp/fused-gspo-trl-cpo-test", use_cpu=True, bf16=False, report_to=[], logging_steps=1,
-        save_strategy="no", max_steps=3, optim="sgd", learning_rate=0.05, per_device_train_batch_size=4,
-        per_device_eval_batch_size=4, max_length=32, seed=1234, dataloader_num_workers=0,
+        CPU_TRAINING_ARGS, output_dir="/tmp/fused-gspo-trl-cpo-test", learning_rate=0.05,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4, max_length=32,
     )  # fmt: skip
     args.update(kwargs)
     trainer = trl.experimental.cpo.CPOTrainer(

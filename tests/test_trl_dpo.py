@@ -20,7 +20,14 @@ peft = pytest.importorskip("peft")
 
 from conftest import rel_err  # noqa: E402
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM  # noqa: E402
-from trl_helpers import WORDS, assert_same_training, small_config, tiny_model, with_eos_bias  # noqa: E402
+from trl_helpers import (  # noqa: E402
+    CPU_TRAINING_ARGS,
+    WORDS,
+    assert_same_training,
+    small_config,
+    tiny_model,
+    with_eos_bias,
+)
 
 # fixtures, re-exported (``x as x``) so that pytest registers them in this module
 from trl_helpers import model_path_fixture as model_path_fixture  # noqa: E402
@@ -82,19 +89,11 @@ def preference_dataset(n: int, seed: int, empty_prompt: bool = False):
 
 def dpo_args(flag: bool, **kwargs):
     args = dict(
+        CPU_TRAINING_ARGS,
         output_dir="/tmp/fused-gspo-trl-dpo-test",
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        max_steps=3,
-        optim="sgd",
         learning_rate=0.5,
         per_device_train_batch_size=4,
         per_device_eval_batch_size=4,
-        seed=1234,
-        dataloader_num_workers=0,
     )
     args.update(kwargs)
     return trl.DPOConfig(**args, **{FLAG: flag})

@@ -142,25 +142,31 @@ def even_words_reward(completions, **_):
 # Training and comparing
 
 
+# Every flag-off/flag-on training test: CPU, fp32, 3 plain-SGD steps from one seed, a log line per step, nothing saved
+CPU_TRAINING_ARGS = dict(
+    use_cpu=True,
+    bf16=False,
+    report_to=[],
+    logging_steps=1,
+    save_strategy="no",
+    max_steps=3,
+    optim="sgd",
+    seed=1234,
+    dataloader_num_workers=0,
+)
+
+
 def train(trainer_cls, config_cls, tokenizer, model, flag: bool, trainer_kwargs=None, **kwargs):
     """Train ``max_steps`` with plain SGD (its update is proportional to the gradient, so differences stay
     comparable; Adam would blow up the rounding noise of gradients that are mathematically zero)."""
     torch.manual_seed(1234)
     args = dict(
+        CPU_TRAINING_ARGS,
         output_dir="/tmp/fused-gspo-trl-test",
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        max_steps=3,
-        optim="sgd",
         learning_rate=0.05,
         per_device_train_batch_size=4,
         num_generations=4,
         max_completion_length=10,
-        seed=1234,
-        dataloader_num_workers=0,
     )
     args.update(kwargs)
     config = config_cls(**args, **{FLAG: flag})
