@@ -189,6 +189,18 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, what: str, a
     assert err <= bound, f"{what}: ||out - ref|| = {err:.3e} > {bound:.3e} (||ref|| = {ref64.norm().item():.3e})"
 
 
+def assert_max_close(ours, theirs, what: str, rel: float, atol: float = 1e-300) -> None:
+    """Elementwise: the largest absolute difference within ``rel`` times the largest magnitude of either side; both
+    sides finite and of one shape (the preference losses' comparisons with TRL). ``atol``: a floor for a float32
+    side whose values can sit near zero while its rounding error stays that of its O(1) intermediates."""
+    ours, theirs = torch.as_tensor(ours).double(), torch.as_tensor(theirs).double()
+    assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
+    assert torch.isfinite(ours).all() and torch.isfinite(theirs).all(), (what, ours, theirs)
+    scale = float(torch.cat([ours.abs().flatten(), theirs.abs().flatten(), ours.new_zeros(1)]).max())
+    err = float(torch.cat([(ours - theirs).abs().flatten(), ours.new_zeros(1)]).max())
+    assert err <= rel * scale + atol, f"{what}: max abs diff {err:.3e} at scale {scale:.3e}\n{ours}\n{theirs}"
+
+
 def projection(n: int, vocab: int, seed: int, spread: float, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A nonzero float32 ``[n, V]`` projection on :data:`DEVICE` (a view with row stride ``V + pad``, the padding
     filled with 123.0) and targets hitting both ends of the vocabulary."""

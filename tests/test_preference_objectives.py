@@ -24,10 +24,10 @@ from collections import defaultdict
 
 import pytest
 import torch
+from conftest import assert_max_close
 from hypothesis import given
 from hypothesis import strategies as st
 from trl import DPOTrainer
-from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
 from fused_gspo.preference import (
     DPO_LOSS_TYPES,
@@ -38,7 +38,6 @@ from fused_gspo.preference import (
     evaluate_preference,
     preference_gradient_coupling,
     preference_metric_names,
-    preference_metrics,
     preference_objective,
     reference_logps,
     required_inputs,
@@ -219,14 +218,7 @@ def _run_dpo(cfg: DPOLossConfig, p: dict, precompute: bool, dtype=F64):
 
 
 def _assert_close(ours, theirs, what, rel=REL):
-    ours, theirs = torch.as_tensor(ours).double(), torch.as_tensor(theirs).double()
-    assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
-    assert torch.isfinite(ours).all() and torch.isfinite(theirs).all(), (what, ours, theirs)
-    scale = float(torch.cat([ours.abs().flatten(), theirs.abs().flatten(), ours.new_zeros(1)]).max())
-    err = float(torch.cat([(ours - theirs).abs().flatten(), ours.new_zeros(1)]).max())
-    assert err <= rel * scale + 1e-300, (
-        f"{what}: max abs diff {err:.3e} at scale {scale:.3e}\nours={ours}\ntrl={theirs}"
-    )
+    assert_max_close(ours, theirs, what, rel)
 
 
 def _assert_same(ours, theirs, rel=REL):
@@ -448,50 +440,6 @@ def test_cpo_matches_trl(scenario, p, train_eval):
     _assert_same((terms.loss.detach(), grad, metrics), (trl_loss.detach(), trl_grad, trl_metrics))
 
 
-# ------------------------------------------------------------------------------------------------------- statistics
-
-
-# the eager statistics against TRL's fused head, with scale, softcap, temperature, bias and ties
-@pytest.mark.parametrize(
-    "head", [{}, {"temperature": 0.7, "logit_scale": 0.5}, {"softcap": 3.0, "temperature": 1.3, "bias": True}]
-)
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 12), vocab=st.integers(2, 40))
-def test_token_statistics_match_trls_fused_head(head, seed, n, vocab):
-    """The documented definitions are what TRL's chunked head computes (its torch path, float32), ties included."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, 8, generator=gen)
-    weight = torch.randn(vocab, 8, generator=gen)
-    weight[vocab // 2] = weight[0]  # an exact tie: token vocab // 2 is never the (first) argmax
-    bias = 0.3 * torch.randn(vocab, generator=gen) if head.get("bias") else None
-    if bias is not None:
-        bias[vocab // 2] = bias[0]
-    targets = torch.randint(0, vocab, (n,), generator=gen)
-    targets[: n // 2] = torch.tensor([0, vocab // 2]).repeat(n)[: n // 2]
-    temperature, scale, cap = head.get("temperature", 1.0), head.get("logit_scale", 1.0), head.get("softcap")
-    outputs = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-    theirs = ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, 16, cap, scale, outputs)
-    z = (hidden.double() @ weight.double().T + (0 if bias is None else bias.double())) * scale
-    if cap is not None:
-        z = cap * torch.tanh(z / cap)
-    ours = token_statistics(z / temperature, targets, torch.ones(n))
-    for name, t in zip(("log_probs",) + outputs, theirs, strict=True):
-        if name == "is_top1":
-            assert torch.equal(ours[name], t)
-        else:
-            _assert_close(ours[name], t, name, rel=1e-5)
-    assert not ours["is_top1"][targets == vocab // 2].any()
-
-
-def test_token_statistics_zero_where_masked():
-    logits = torch.randn(2, 3, 5, dtype=F64)
-    mask = torch.tensor([[1, 0, 1], [0, 0, 1]])
-    stats = token_statistics(logits, torch.full((2, 3), -100).where(mask == 0, 2), mask)
-    for name, x in stats.items():
-        assert not x[mask == 0].any(), name
-    with pytest.raises(ValueError, match="outputs"):
-        token_statistics(logits, torch.zeros(2, 3, dtype=torch.long), mask, outputs=("logits",))
-
-
 # --------------------------------------------------------------------------------------------------------- coupling
 
 
@@ -547,92 +495,7 @@ def test_aot_gradient_depends_on_other_pairs(loss_type):
     assert not torch.allclose(grads[0], grads[1])
 
 
-# ----------------------------------------------------------------------------------------------------- bad inputs
-
-
-def _good_dpo(B=2, T=3):
-    logps = -torch.rand(2 * B, T, dtype=F64) - 0.1
-    batch = PreferenceBatch(
-        mask=torch.ones(2 * B, T, dtype=torch.long),
-        ref_chosen_logps=-torch.ones(B, dtype=F64),
-        ref_rejected_logps=-torch.ones(B, dtype=F64),
-        entropy=torch.ones(2 * B, T, dtype=F64),
-        mean_logits=torch.zeros(2 * B, T, dtype=F64),
-        is_top1=torch.zeros(2 * B, T, dtype=torch.bool),
-    )
-    return logps, batch
-
-
-def _with(batch, **changes):
-    return PreferenceBatch(**{**batch.__dict__, **changes})
-
-
-# one bad DPO input each
-@pytest.mark.parametrize(
-    "change,match",
-    [
-        (lambda lp, b: (lp[:3], _with(b, mask=b.mask[:3])), "even"),
-        (lambda lp, b: (lp[:0], _with(b, mask=b.mask[:0])), "even, non-zero"),
-        (lambda lp, b: (lp[0], b), r"\[2B, T\]"),
-        (lambda lp, b: (lp, _with(b, mask=b.mask[:, :2])), "mask must have shape"),
-        (lambda lp, b: (lp, _with(b, mask=b.mask * 2)), "0 and 1"),
-        (lambda lp, b: (lp, _with(b, mask=b.mask.index_fill(0, torch.tensor([1]), 0))), "chosen row 1"),
-        (lambda lp, b: (lp, _with(b, mask=b.mask.index_fill(0, torch.tensor([2]), 0))), "rejected row 0"),
-        (lambda lp, b: (lp, _with(b, ref_chosen_logps=None)), "ref_chosen_logps"),
-        (lambda lp, b: (lp, _with(b, ref_rejected_logps=b.ref_rejected_logps[:1])), "ref_rejected_logps must have"),
-        (lambda lp, b: (lp, _with(b, ref_chosen_logps=b.ref_chosen_logps[:, None])), r"ref_chosen_logps must have"),
-        (lambda lp, b: (lp, _with(b, completion_lengths=torch.ones(4))), "completion_lengths"),
-        (lambda lp, b: (lp, _with(b, completion_lengths=torch.full((3,), 3))), "completion_lengths must have"),
-        (lambda lp, b: (lp, _with(b, aux_loss=torch.tensor(1.0))), "router_aux_loss_coef is 0"),
-    ],
-)
-def test_bad_dpo_inputs_raise(change, match):
-    logps, batch = change(*_good_dpo())
-    with pytest.raises(ValueError, match=match):
-        preference_objective(logps, batch, DPOLossConfig())
-
-
-def test_bad_inputs_more():
-    logps, batch = _good_dpo()
-    with pytest.raises(TypeError, match="floating"):
-        preference_objective(logps.long(), batch, DPOLossConfig())
-    with pytest.raises(ValueError, match="log_sum_sq_probs"):
-        preference_objective(logps, batch, DPOLossConfig(use_weighting=True))
-    with pytest.raises(ValueError, match="aux_loss"):
-        preference_objective(logps, batch, DPOLossConfig(router_aux_loss_coef=0.1))
-    with pytest.raises(ValueError, match="no meaning for CPO"):
-        preference_objective(logps, batch, CPOLossConfig())
-    with pytest.raises(ValueError, match="aux_loss"):
-        preference_objective(logps, PreferenceBatch(mask=batch.mask), CPOLossConfig(router_aux_loss_coef=0.1))
-    with pytest.raises(TypeError, match="config"):
-        preference_objective(logps, batch, object())
-    with pytest.raises(TypeError, match="PreferenceBatch"):
-        preference_objective(logps, {"mask": batch.mask}, DPOLossConfig())
-    terms = preference_objective(logps, batch, DPOLossConfig())
-    with pytest.raises(ValueError, match="is_top1"):
-        preference_metrics(terms, _with(batch, is_top1=None), DPOLossConfig())
-    with pytest.raises(TypeError, match="bool"):
-        preference_metrics(terms, _with(batch, is_top1=batch.is_top1.long()), DPOLossConfig())
-    with pytest.raises(ValueError, match="mean_logits must have"):
-        preference_metrics(terms, _with(batch, mean_logits=batch.mean_logits[:, :1]), DPOLossConfig())
-    cpo_batch = PreferenceBatch(mask=batch.mask)
-    cpo_terms = preference_objective(logps, cpo_batch, CPOLossConfig())
-    with pytest.raises(ValueError, match="position_mean_logits"):
-        preference_metrics(cpo_terms, cpo_batch, CPOLossConfig())
-    with pytest.raises(ValueError, match="position_mean_logits"):
-        preference_metrics(cpo_terms, _with(cpo_batch, position_mean_logits=torch.zeros(3, 4)), CPOLossConfig())
-    with pytest.raises(ValueError, match="train_eval"):
-        preference_metrics(
-            cpo_terms, _with(cpo_batch, position_mean_logits=torch.zeros(4, 4)), CPOLossConfig(), train_eval="test"
-        )
-
-
-def test_values_false_skips_only_data_checks():
-    logps, batch = _good_dpo()
-    empty_row = _with(batch, mask=batch.mask.index_fill(0, torch.tensor([0]), 0))
-    preference_objective(logps, empty_row, DPOLossConfig(), values=False)  # shapes fine: no error
-    with pytest.raises(ValueError, match="even"):
-        preference_objective(logps[:3], _with(batch, mask=batch.mask[:3]), DPOLossConfig(), values=False)
+# ---------------------------------------------------------------------------------------------------- required inputs
 
 
 def test_required_inputs():
