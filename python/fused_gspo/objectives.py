@@ -99,9 +99,10 @@ class Normalizers:
     ) -> Normalizers:
         mask = batch.mask
         B, T = batch.rows.num, batch.rows.width
-        effective = mask if entropy_mask is None else mask * entropy_mask
         # the host's one read of the counts (each read waits for the device)
-        tokens, effective_tokens = torch.stack([mask.sum(), effective.sum()]).tolist()
+        sums = [mask.sum()] if entropy_mask is None else [mask.sum(), (mask * entropy_mask).sum()]
+        counts = torch.stack(sums).tolist()
+        tokens, effective_tokens = counts[0], counts[-1]  # without an entropy mask every valid token counts
         num_items = tokens if num_items_in_batch is None else float(num_items_in_batch)
         max_len = T if config.max_completion_length is None else config.max_completion_length
         if max_len is None and config.loss_type == "dr_grpo":

@@ -67,22 +67,21 @@ class TokenLayout:
     def __init__(self, valid: torch.Tensor, rows: PaddedRows | PackedRows):
         self.valid, self.rows = valid, rows
         self.positions = valid.reshape(-1).nonzero().flatten()
-        self._row_ends: list[int] | None = None
+        self._row_counts: list[int] | None = None
+        self._row_ends: list[int] = []
 
     def row_counts(self) -> list[int]:
         """Valid tokens per row, on the host: read once (a device sync), before any chunk is queued, so the device
         never waits on the host in the middle of the chunks."""
-        if self._row_ends is None:
-            counts = self.rows.sum(self.valid.to(torch.float32)).long().tolist()
-            self._row_ends = list(itertools.accumulate(counts))
-        return [end - start for start, end in zip([0, *self._row_ends[:-1]], self._row_ends, strict=True)]
+        if self._row_counts is None:
+            self._row_counts = self.rows.sum(self.valid.to(torch.float32)).long().tolist()
+            self._row_ends = list(itertools.accumulate(self._row_counts))
+        return self._row_counts
 
     def row_range(self, start: int, stop: int) -> tuple[int, int]:
         """``[r0, r1)``: the rows holding valid tokens ``[start, stop)`` (``stop > start``)."""
-        if self._row_ends is None:
-            self.row_counts()
-        ends = self._row_ends
-        return bisect.bisect_right(ends, start), bisect.bisect_right(ends, stop - 1) + 1
+        self.row_counts()
+        return bisect.bisect_right(self._row_ends, start), bisect.bisect_right(self._row_ends, stop - 1) + 1
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The valid tokens' entries of a per-token tensor (``[B, T, ...]`` or ``[N, ...]``), in order."""
