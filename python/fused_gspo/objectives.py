@@ -41,6 +41,7 @@ class PolicyBatch:
     sampling_logps: torch.Tensor | None = None  # per token
     importance_sampling_ratio: torch.Tensor | None = None  # per token or per row
     cu_seqlens: torch.Tensor | None = None  # packed rows; None: [B, T]
+    row_starts: tuple[int, ...] | None = None  # cu_seqlens on the host, if read already (fused_gspo.host_values)
 
     def __post_init__(self):
         self._rows = None
@@ -48,7 +49,7 @@ class PolicyBatch:
     @property
     def rows(self) -> PaddedRows | PackedRows:
         if self._rows is None:
-            self._rows = rows_of(self.mask, self.cu_seqlens)
+            self._rows = rows_of(self.mask, self.cu_seqlens, self.row_starts)
         return self._rows
 
     def select_rows(self, start: int, stop: int) -> PolicyBatch:
@@ -57,7 +58,7 @@ class PolicyBatch:
         out = {}
         for f in fields(self):
             x = getattr(self, f.name)
-            if x is None or f.name == "cu_seqlens":
+            if x is None or f.name in ("cu_seqlens", "row_starts"):
                 continue
             out[f.name] = (
                 x[start:stop] if (f.name != "mask" and rows.is_per_row(x)) else rows.token_rows(x, start, stop)
@@ -76,7 +77,7 @@ class PolicyBatch:
 
 
 def _cast(x, dtype):
-    return None if x is None else x.to(dtype)
+    return x.to(dtype) if isinstance(x, torch.Tensor) else x  # None, or row_starts (ints on the host)
 
 
 @dataclass
@@ -96,13 +97,18 @@ class Normalizers:
         config: PolicyLossConfig,
         num_items_in_batch: float | torch.Tensor | None = None,
         entropy_mask: torch.Tensor | None = None,
+        valid_tokens: int | None = None,
     ) -> Normalizers:
+        """``valid_tokens``: the mask's sum, when the caller has read it already (no read at all without an entropy
+        mask; otherwise the one read of what is missing, each read waiting for the device)."""
         mask = batch.mask
         B, T = batch.rows.num, batch.rows.width
-        # the host's one read of the counts (each read waits for the device)
-        sums = [mask.sum()] if entropy_mask is None else [mask.sum(), (mask * entropy_mask).sum()]
-        counts = torch.stack(sums).tolist()
-        tokens, effective_tokens = counts[0], counts[-1]  # without an entropy mask every valid token counts
+        sums = [] if valid_tokens is not None else [mask.sum()]
+        if entropy_mask is not None:
+            sums.append((mask * entropy_mask).sum())
+        counts = torch.stack(sums).tolist() if sums else []
+        tokens = float(valid_tokens) if valid_tokens is not None else counts[0]
+        effective_tokens = counts[-1] if entropy_mask is not None else tokens  # else every valid token counts
         num_items = tokens if num_items_in_batch is None else float(num_items_in_batch)
         max_len = T if config.max_completion_length is None else config.max_completion_length
         if max_len is None and config.loss_type == "dr_grpo":
@@ -459,14 +465,16 @@ def evaluate(
     reduce_sum=_identity,
     gather=_identity,
     gather_values=None,
+    valid_tokens: int | None = None,
 ) -> tuple[ObjectiveTerms, dict[str, torch.Tensor], torch.Tensor | None]:
     """The whole epilogue on ``[B, T]`` log-probs and entropies: the entropy quantile mask (when
     ``top_entropy_quantile < 1``), the normalizers, the objective and TRL's metrics. Returns the terms (``.loss`` is
-    differentiable in ``logps`` and ``entropy``), the metrics and the entropy mask."""
+    differentiable in ``logps`` and ``entropy``), the metrics and the entropy mask. ``valid_tokens``: the mask's sum
+    if the host knows it (:class:`Normalizers`)."""
     entropy_mask = None
     if config.top_entropy_quantile < 1.0:
         entropy_mask = high_entropy_mask(entropy.detach(), batch.mask, 1 - config.top_entropy_quantile, gather_values)
-    norms = Normalizers.of(batch, config, num_items_in_batch, entropy_mask)
+    norms = Normalizers.of(batch, config, num_items_in_batch, entropy_mask, valid_tokens)
     terms = policy_objective(logps, entropy, batch, config, norms, entropy_mask)
     metrics = policy_metrics(terms, entropy.detach(), batch, config, reduce_sum, gather)
     return terms, metrics, entropy_mask

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,7 @@ from .backends import resolve_backend, tile_ops_for
 from .chunked import ChunkedHead, SinglePassFunction, logprobs, weight_gather
 from .config import PolicyLossConfig
 from .head import HeadParams, TokenStats, full_logprobs
+from .host_values import valid_positions
 from .objectives import Normalizers, PolicyBatch, evaluate, gradient_coupling, policy_metrics, policy_objective
 from .plan.runtime import plan_call
 from .rows import PackedRows, PaddedRows
@@ -62,25 +63,26 @@ class CrossProcess:
 class TokenLayout:
     """The valid tokens' positions, in the order of the flattened per-token layout (row-major ``[B, T]``, or the
     packed ``[N]``): the order of packed hidden states and of the chunks. Tokens come row by row, so each row's valid
-    tokens are one contiguous range of that order."""
+    tokens are one contiguous range of that order.
 
-    def __init__(self, valid: torch.Tensor, rows: PaddedRows | PackedRows):
+    ``row_counts``: valid tokens per row, from the host's one read of the batch (:mod:`fused_gspo.host_values`);
+    without them the layout reads them itself. Knowing the count, the positions are found without waiting for the
+    device."""
+
+    def __init__(self, valid: torch.Tensor, rows: PaddedRows | PackedRows, row_counts: Sequence[int] | None = None):
         self.valid, self.rows = valid, rows
-        self.positions = valid.reshape(-1).nonzero().flatten()
-        self._row_counts: list[int] | None = None
-        self._row_ends: list[int] = []
+        if row_counts is None:
+            row_counts = rows.sum(valid.to(torch.float32)).long().tolist()
+        self._row_counts = [int(c) for c in row_counts]
+        self._row_ends = list(itertools.accumulate(self._row_counts))
+        self.positions = valid_positions(valid, self._row_ends[-1] if self._row_ends else 0)
 
     def row_counts(self) -> list[int]:
-        """Valid tokens per row, on the host: read once (a device sync), before any chunk is queued, so the device
-        never waits on the host in the middle of the chunks."""
-        if self._row_counts is None:
-            self._row_counts = self.rows.sum(self.valid.to(torch.float32)).long().tolist()
-            self._row_ends = list(itertools.accumulate(self._row_counts))
+        """Valid tokens per row."""
         return self._row_counts
 
     def row_range(self, start: int, stop: int) -> tuple[int, int]:
         """``[r0, r1)``: the rows holding valid tokens ``[start, stop)`` (``stop > start``)."""
-        self.row_counts()
         return bisect.bisect_right(self._row_ends, start), bisect.bisect_right(self._row_ends, stop - 1) + 1
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,6 @@ class PolicyChunkObjective:
 
     def __init__(self, layout: TokenLayout, batch: PolicyBatch, config: PolicyLossConfig, norms: Normalizers):
         self.layout, self.batch, self.config, self.norms = layout, batch, config, norms
-        layout.row_counts()  # the host's one read of the rows, now rather than after the first chunk is queued
         placeholder = torch.zeros(layout.valid.shape, device=layout.valid.device, dtype=batch.mask.dtype)
         if batch.old_logps is not None and batch.old_logps.shape == layout.valid.shape:
             placeholder = torch.where(layout.valid, batch.old_logps, placeholder)
@@ -164,7 +165,7 @@ def compute_policy_loss(
     """:func:`fused_gspo.fused_policy_loss` with a resolved ``config`` and optional :class:`CrossProcess` hooks."""
     cfg = config
     hooks = cross_process or CrossProcess()
-    validate_policy_inputs(
+    counts = validate_policy_inputs(
         cfg,
         hidden=hidden,
         weight=weight,
@@ -190,9 +191,11 @@ def compute_policy_loss(
         sampling_logps=sampling_logps,
         importance_sampling_ratio=importance_sampling_ratio,
         cu_seqlens=cu_seqlens,
+        row_starts=counts.row_starts,
     ).to(stats_dtype)
+    num_items = counts.num_items  # read with the rest: the host's one read of the batch
     head = HeadParams(cfg.temperature, cfg.logit_scale, cfg.final_logit_softcapping)
-    layout = TokenLayout(valid, batch.rows)
+    layout = TokenLayout(valid, batch.rows, counts.row_counts)
     # hidden holds every position, or (packed rows, one per valid token) just the scored ones
     every_position = hidden.dim() == 3 or (cu_seqlens is not None and hidden.shape[0] == valid.shape[0])
     x = layout.gather(hidden) if every_position else hidden
@@ -205,7 +208,7 @@ def compute_policy_loss(
             logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
         else:
             logp, entropy = (layout.scatter(v) for v in full_logprobs(x, weight, bias, targets, head))
-        return _evaluated(logp, entropy, batch, cfg, num_items_in_batch, hooks)
+        return _evaluated(logp, entropy, batch, cfg, num_items, hooks, counts.valid_tokens)
 
     ops = tile_ops_for(backend)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -225,9 +228,12 @@ def compute_policy_loss(
     if plan.strategy != "single_pass":  # score every token, then the objective; autograd recomputes for the gradient
         stats = logprobs(x, weight, bias, targets, call, plan.strategy)
         logp, entropy = stats.logp, stats.entropy
-        return _evaluated(layout.scatter(logp), layout.scatter(entropy), batch, cfg, num_items_in_batch, hooks)
+        return _evaluated(
+            layout.scatter(logp), layout.scatter(entropy), batch, cfg, num_items, hooks, counts.valid_tokens
+        )
 
-    objective = PolicyChunkObjective(layout, batch, cfg, Normalizers.of(batch, cfg, num_items_in_batch))
+    norms = Normalizers.of(batch, cfg, num_items, valid_tokens=counts.valid_tokens)
+    objective = PolicyChunkObjective(layout, batch, cfg, norms)
     loss, _, _ = SinglePassFunction.apply(x, weight, bias, targets, call, objective)
     # a single pass never masks by the entropy quantile (that coupling is global), so gather_values is not needed
     metrics = policy_metrics(objective.terms, objective.entropy, batch, cfg, **hooks.metric_hooks())
@@ -236,11 +242,12 @@ def compute_policy_loss(
     )
 
 
-def _evaluated(logps, entropy, batch, cfg, num_items_in_batch, hooks: CrossProcess) -> PolicyLossOutput:
+def _evaluated(logps, entropy, batch, cfg, num_items, hooks: CrossProcess, valid_tokens: int) -> PolicyLossOutput:
     """The output of the two phases (and of the eager path): the objective evaluated on every token's log-prob."""
     terms, metrics, entropy_mask = evaluate(
-        logps, entropy, batch, cfg, num_items_in_batch, gather_values=hooks.gather_values, **hooks.metric_hooks()
-    )
+        logps, entropy, batch, cfg, num_items, gather_values=hooks.gather_values, valid_tokens=valid_tokens,
+        **hooks.metric_hooks(),
+    )  # fmt: skip
     return PolicyLossOutput(
         terms.loss, metrics, logps.detach().float(), entropy.detach().float(), terms.policy_loss.detach(), entropy_mask
     )

@@ -13,6 +13,8 @@ sequence ratios), combined by two operations: a sum over each row's tokens, and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -76,12 +78,12 @@ class _ExpandRows(torch.autograd.Function):
 
 class PackedRows(_Rows):
     """``S`` sequences concatenated into ``N`` positions, row ``i`` at ``[cu_seqlens[i], cu_seqlens[i + 1])``;
-    ``mask`` ``[N]``."""
+    ``mask`` ``[N]``. ``starts``: ``cu_seqlens`` on the host when the caller has read it (else read when needed)."""
 
     packed = True
     width = None  # rows have no common length
 
-    def __init__(self, mask: torch.Tensor, cu_seqlens: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, cu_seqlens: torch.Tensor, starts: Sequence[int] | None = None):
         self.mask = mask
         self.cu_seqlens = cu_seqlens
         self.lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -89,7 +91,7 @@ class PackedRows(_Rows):
         self.seq_ids = torch.repeat_interleave(
             torch.arange(self.num, device=mask.device), self.lengths, output_size=mask.shape[0]
         )
-        self._starts: list[int] | None = None
+        self._starts: list[int] | None = None if starts is None else list(starts)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         return torch.segment_reduce(x, "sum", lengths=self.lengths)
@@ -113,12 +115,17 @@ class PackedRows(_Rows):
     def select(self, start: int, stop: int) -> PackedRows:
         starts = self.row_starts()
         cu = self.cu_seqlens[start : stop + 1] - starts[start]
-        return PackedRows(self.mask[starts[start] : starts[stop]], cu)
+        return PackedRows(
+            self.mask[starts[start] : starts[stop]], cu, [s - starts[start] for s in starts[start : stop + 1]]
+        )
 
 
-def rows_of(mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> PaddedRows | PackedRows:
-    """The rows of a batch: packed when ``cu_seqlens`` is given, padded ``[B, T]`` otherwise."""
-    return PaddedRows(mask) if cu_seqlens is None else PackedRows(mask, cu_seqlens)
+def rows_of(
+    mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None, starts: Sequence[int] | None = None
+) -> PaddedRows | PackedRows:
+    """The rows of a batch: packed when ``cu_seqlens`` is given (``starts``: its values, if already on the host),
+    padded ``[B, T]`` otherwise."""
+    return PaddedRows(mask) if cu_seqlens is None else PackedRows(mask, cu_seqlens, starts)
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Input checks for the public API: every bad input gets a ``TypeError``/``ValueError`` naming the argument.
 
 Checks of types and shapes cost nothing; checks of values (token ids in range, a 0/1 mask, ``cu_seqlens`` offsets,
-packed row counts) read the data and so wait for the device. ``values=False`` skips the latter: under
+packed row counts) read the data and so wait for the device: they are made from the host's one read of the batch
+(:mod:`fused_gspo.host_values`), after every shape is known to be right. ``values=False`` skips them: under
 ``torch.compile`` the wrappers check shapes while tracing and the custom operators check values when they run.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .config import PolicyLossConfig
+from .host_values import BatchCounts, read_ids, read_policy_batch, read_preference_batch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -59,15 +61,6 @@ def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _check_ids(name: str, ids: torch.Tensor, vocab: int, where: torch.Tensor | None = None) -> None:
-    if not ids.numel():
-        return
-    checked = ids if where is None else torch.where(where, ids, 0)  # 0 is in range: masked ids pass
-    lo, hi = torch.stack([checked.min(), checked.max()]).tolist()  # one read (each waits for the device)
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"{name} holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {vocab})")
-
-
 def validate_logprob_inputs(*, hidden, weight, targets, bias, values: bool = True) -> None:
     _tensor("hidden", hidden, floating=True)
     if hidden.dim() < 1:
@@ -81,7 +74,7 @@ def validate_logprob_inputs(*, hidden, weight, targets, bias, values: bool = Tru
         )
     _same_device(hidden, weight=weight, targets=targets, bias=bias)
     if values:
-        _check_ids("targets", targets, weight.shape[0])
+        read_ids("targets", targets, weight.shape[0])
 
 
 def validate_policy_inputs(
@@ -100,7 +93,9 @@ def validate_policy_inputs(
     bias,
     cu_seqlens=None,
     values: bool = True,
-) -> None:
+) -> BatchCounts | None:
+    """Every check of a policy loss's inputs; with ``values``, also the checks that read the data, all from the
+    host's one read of the batch (:func:`fused_gspo.host_values.read_policy_batch`), whose counts are returned."""
     packed = cu_seqlens is not None
     _tensor("hidden", hidden, floating=True, ndim=(2,) if packed else (2, 3))
     _check_head(hidden, weight, bias)
@@ -113,15 +108,6 @@ def validate_policy_inputs(
         rows = cu_seqlens.shape[0] - 1
         if rows < 0:
             raise ValueError("cu_seqlens must hold at least one offset (0)")
-        if values and (
-            int(cu_seqlens[0]) != 0
-            or int(cu_seqlens[-1]) != tokens[0]
-            or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any())
-        ):
-            raise ValueError(
-                f"cu_seqlens must start at 0, never decrease, and end at the number of packed positions "
-                f"({tokens[0]}), got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}"
-            )
         row_shape, per_token = (rows,), tokens
         if rows == tokens[0] and rows > 0:
             raise ValueError(
@@ -137,16 +123,6 @@ def validate_policy_inputs(
             raise ValueError(f"{name} must have shape {per_token} like {like}, got {tuple(x.shape)}")
     if completion_mask.dtype.is_complex:
         raise TypeError(f"completion_mask must be bool, integer or floating, got {completion_mask.dtype}")
-    if values and completion_mask.numel() and not bool(((completion_mask == 0) | (completion_mask == 1)).all()):
-        raise ValueError("completion_mask must hold only 0 and 1")
-    if values and hidden.dim() == 2 and not (packed and hidden.shape[0] == per_token[0]):
-        valid_count = int(completion_mask.sum())
-        if hidden.shape[0] != valid_count:
-            every = f" or one per packed position ({per_token[0]})" if packed else ""
-            raise ValueError(
-                f"packed hidden ([N, H]) must hold one row per valid token ({valid_count}){every}, "
-                f"got {hidden.shape[0]}"
-            )
 
     row_or_token = (row_shape, per_token)
     _tensor("advantages", advantages, floating=True, ndim=(1,) if packed else (1, 2))
@@ -188,8 +164,6 @@ def validate_policy_inputs(
             raise TypeError(
                 f"num_items_in_batch must be a number or a scalar tensor, got {type(num_items_in_batch).__name__}"
             )
-        if values and not float(num_items_in_batch) >= 0:
-            raise ValueError(f"num_items_in_batch must be >= 0, got {float(num_items_in_batch)}")
     _same_device(
         hidden,
         weight=weight,
@@ -203,13 +177,20 @@ def validate_policy_inputs(
         importance_sampling_ratio=importance_sampling_ratio,
         cu_seqlens=cu_seqlens,
     )
-    if values:
-        _check_ids("completion_ids", completion_ids, weight.shape[0], where=completion_mask.bool())
+    if not values:
+        return None
+    return read_policy_batch(
+        hidden=hidden, vocab=weight.shape[0], completion_ids=completion_ids, completion_mask=completion_mask,
+        cu_seqlens=cu_seqlens, num_items_in_batch=num_items_in_batch,
+    )  # fmt: skip
 
 
-def validate_preference_inputs(*, hidden, weight, completion_ids, completion_mask, bias, values: bool = True) -> None:
+def validate_preference_inputs(
+    *, hidden, weight, completion_ids, completion_mask, bias, values: bool = True
+) -> BatchCounts | None:
     """The head and per-token inputs of a preference loss: ``[2B, T]`` ids and mask (an even row count), hidden
-    ``[2B, T, H]`` or ``[n, H]`` (the valid tokens, row-major). The loss's own inputs are checked by
+    ``[2B, T, H]`` or ``[n, H]`` (the valid tokens, row-major); with ``values``, a 0/1 mask with a valid token in every
+    row and ids in range, from one read whose counts are returned. The loss's own inputs are checked by
     :func:`fused_gspo.preference.batch.validate_batch`."""
     _tensor("hidden", hidden, floating=True, ndim=(2, 3))
     _check_head(hidden, weight, bias)
@@ -231,10 +212,7 @@ def validate_preference_inputs(*, hidden, weight, completion_ids, completion_mas
         )
     _same_device(hidden, weight=weight, bias=bias, completion_ids=completion_ids, completion_mask=completion_mask)
     if not values:
-        return
-    if hidden.dim() == 2 and hidden.shape[0] != int(completion_mask.sum()):
-        raise ValueError(
-            f"packed hidden ([n, H]) must hold one row per valid token ({int(completion_mask.sum())}), "
-            f"got {hidden.shape[0]}"
-        )
-    _check_ids("completion_ids", completion_ids, weight.shape[0], where=completion_mask.bool())
+        return None
+    return read_preference_batch(
+        hidden=hidden, vocab=weight.shape[0], completion_ids=completion_ids, completion_mask=completion_mask
+    )

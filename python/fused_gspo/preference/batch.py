@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..host_values import read_pair_mask
 from .config import CPOLossConfig, DPOLossConfig
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -86,15 +87,8 @@ def validate_logps_and_mask(logps: torch.Tensor, mask: torch.Tensor, values: boo
     if logps.shape[1] == 0:
         raise ValueError("logps must have at least one position")
     _check_tensor("mask", mask, tuple(logps.shape), floating=False)
-    if not values:
-        return
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0 and 1")
-    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
-    if empty:
-        B = rows // 2
-        named = [f"{'chosen' if r < B else 'rejected'} row {r if r < B else r - B}" for r in empty]
-        raise ValueError(f"every row needs at least one valid token in mask; none in {', '.join(named)}")
+    if values:
+        read_pair_mask("mask", mask)
 
 
 def validate_batch(logps: torch.Tensor, batch: PreferenceBatch, config, values: bool = True) -> None:

@@ -12,7 +12,7 @@ couple every pair: they run the two phases.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,10 +20,11 @@ import torch
 from ..backends import resolve_backend, tile_ops_for
 from ..chunked import ChunkedHead, SinglePassFunction, logprobs, score, weight_gather
 from ..head import HeadParams, TokenStats, full_logprobs, full_statistics
+from ..host_values import valid_positions
 from ..plan.runtime import plan_call
 from ..tile_ops import stats_dtype_for
 from ..validation import validate_preference_inputs
-from .batch import PreferenceBatch, PreferenceTerms, validate_logps_and_mask
+from .batch import PreferenceBatch, PreferenceTerms
 from .config import CPOLossConfig, DPOLossConfig, PreferenceLossConfig
 from .objectives import preference_gradient_coupling, preference_metrics, preference_objective
 
@@ -63,18 +64,21 @@ def pair_order(num_pairs: int, device) -> torch.Tensor:
 
 
 class PairLayout:
-    """The valid tokens of a ``[2B, T]`` mask in pair order: the order of the chunks."""
+    """The valid tokens of a ``[2B, T]`` mask in pair order: the order of the chunks. ``row_counts``: valid tokens
+    per row, from the host's one read of the batch (:mod:`fused_gspo.host_values`; read here when not given)."""
 
-    def __init__(self, valid: torch.Tensor):
+    def __init__(self, valid: torch.Tensor, row_counts: Sequence[int] | None = None):
         self.valid = valid
         two_b, width = valid.shape
+        if row_counts is None:
+            row_counts = valid.sum(1).tolist()
         order = pair_order(two_b // 2, valid.device)
-        rows, cols = valid[order].nonzero(as_tuple=True)
-        self.positions = order[rows] * width + cols  # flat [2B * T] positions, pair by pair
+        in_pair_order = valid_positions(valid[order], int(sum(row_counts)))  # flat positions of valid[order]
+        self.positions = order[in_pair_order // width] * width + in_pair_order % width  # flat [2B * T], by pair
         # where each of them sits among the valid tokens in row-major order (a packed [n, H] input's order)
         self.packed_index = valid.reshape(-1).long().cumsum(0)[self.positions] - 1
-        counts = valid.sum(1)
-        self.pair_counts = (counts[: two_b // 2] + counts[two_b // 2 :]).tolist()
+        B = two_b // 2
+        self.pair_counts = [int(row_counts[i] + row_counts[B + i]) for i in range(B)]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The valid tokens' rows of ``[2B, T, ...]`` (every position) or ``[n, ...]`` (valid tokens, row-major)."""
@@ -180,14 +184,13 @@ def compute_preference_loss(
     hooks = hooks or MetricHooks()
     if not isinstance(config, (DPOLossConfig, CPOLossConfig)):
         raise TypeError(f"config must be a DPOLossConfig or a CPOLossConfig, got {type(config).__name__}")
-    validate_preference_inputs(
+    counts = validate_preference_inputs(  # with the values: 0/1, a valid token in every row, ids in range
         hidden=hidden, weight=weight, completion_ids=completion_ids, completion_mask=completion_mask, bias=bias
     )
-    validate_logps_and_mask(completion_mask.float(), completion_mask)  # 0/1, a valid token in every row
     backend = resolve_backend(backend, hidden.device)
     stats_dtype = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     valid = completion_mask.bool()
-    layout = PairLayout(valid)
+    layout = PairLayout(valid, counts.row_counts)
     x, targets = layout.gather(hidden), layout.gather(completion_ids).long()
     dpo = isinstance(config, DPOLossConfig)
     base = PreferenceBatch(
