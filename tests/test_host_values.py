@@ -86,19 +86,15 @@ def test_bad_values_are_refused_by_name(change, match):
     read_policy_batch(**{**batch, "completion_ids": torch.tensor([0, 9, 2, 3, 4, 5])})
 
 
-def test_preference_read_names_the_empty_row_and_the_packed_count():
+def test_preference_read_counts_rows_and_checks_the_packed_count():
     ids = torch.ones(4, 2).long()
-    empty_first = torch.tensor([[0, 0], [1, 0], [1, 1], [1, 1]])  # rows [0, B) chosen, [B, 2B) rejected
-    with pytest.raises(ValueError, match="none in chosen row 0"):
-        read_preference_batch(hidden=torch.zeros(4, 2, 3), vocab=5, completion_ids=ids, completion_mask=empty_first)
-    with pytest.raises(ValueError, match="none in rejected row 1"):
-        read_preference_batch(hidden=torch.zeros(4, 2, 3), vocab=5, completion_ids=ids,
-                              completion_mask=empty_first[[2, 1, 3, 0]])  # fmt: skip
-    mask = torch.tensor([[1, 1], [1, 0], [1, 0], [0, 1]])
-    with pytest.raises(ValueError, match=r"one row per valid token \(5\), got 6"):
+    mask = torch.tensor([[1, 1], [0, 0], [1, 0], [0, 1]])  # an empty row is the loss's to judge, not the read's
+    with pytest.raises(ValueError, match=r"one row per valid token \(4\), got 6"):
         read_preference_batch(hidden=torch.zeros(6, 3), vocab=5, completion_ids=ids, completion_mask=mask)
-    counts = read_preference_batch(hidden=torch.zeros(5, 3), vocab=5, completion_ids=ids, completion_mask=mask)
-    assert counts.row_counts == (2, 1, 1, 1)
+    with pytest.raises(ValueError, match="completion_mask must hold only 0 and 1"):
+        read_preference_batch(hidden=torch.zeros(4, 2, 3), vocab=5, completion_ids=ids, completion_mask=mask * 3)
+    counts = read_preference_batch(hidden=torch.zeros(4, 3), vocab=5, completion_ids=ids, completion_mask=mask)
+    assert counts.row_counts == (2, 0, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

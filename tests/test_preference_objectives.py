@@ -25,7 +25,7 @@ from collections import defaultdict
 import pytest
 import torch
 from conftest import assert_max_close
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from trl import DPOTrainer
 
@@ -92,6 +92,20 @@ def pairs(draw):
         "first": (torch.rand((2 * B,), generator=gen) < 0.3).long(),
         "aux_loss": uniform(0.1, 2.0, ()),
     }
+
+
+@st.composite
+def pairs_with_empty_rows(draw):
+    """:func:`pairs` with some rows scoring nothing (an empty prompt before a one-token completion): mask and every
+    per-token field zero there; TRL's unshifted ``first`` column may still count one token."""
+    p = draw(pairs())
+    rows = p["mask"].shape[0]
+    empty = sorted(draw(st.sets(st.integers(0, rows - 1), min_size=1, max_size=rows), label="empty rows"))
+    out = dict(p)
+    for key in ("mask", "logps", "ref", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"):
+        out[key] = p[key].clone()
+        out[key][empty] = 0
+    return out
 
 
 def _batch(p, cfg, ref_chosen, ref_rejected, **extra) -> PreferenceBatch:
@@ -285,6 +299,18 @@ def test_dpo_matches_trl(scenario, p):
     _assert_same(ours, theirs)
 
 
+# rows with nothing to score: TRL's log-prob is 0 there and its normalizers clamp to 1; ours too
+@pytest.mark.parametrize("scenario", list(DPO_SCENARIOS))
+@given(p=pairs_with_empty_rows())
+def test_dpo_matches_trl_with_rows_that_score_nothing(scenario, p):
+    overrides, precompute = DPO_SCENARIOS[scenario]
+    cfg = DPOLossConfig(**overrides)
+    B = p["mask"].shape[0] // 2
+    assume("sft" not in cfg.loss_type or p["mask"][:B].any())  # else TRL's sft term is NaN, which ours refuses
+    ours, theirs = _run_dpo(cfg, p, precompute)
+    _assert_same(ours, theirs)
+
+
 @given(p=pairs(), coef=st.sampled_from([0.5, 1.8, -0.5]))
 def test_dpo_alpha_divergence_matches_trl_in_float32(p, coef):
     """TRL's alpha-divergence has a float32 clamp table only: compare in float32, where both compute the same.
@@ -437,6 +463,47 @@ def test_cpo_matches_trl(scenario, p, train_eval):
     terms, metrics = evaluate_preference(stats["log_probs"], batch, cfg, train_eval=train_eval)
     assert tuple(metrics) == preference_metric_names(cfg, train_eval)
     grad = _grads(terms.loss, logits)[0]
+    _assert_same((terms.loss.detach(), grad, metrics), (trl_loss.detach(), trl_grad, trl_metrics))
+
+
+# rows with nothing to score (every label -100): a sum over no token is 0 in TRL and here; TRL's averages divide by
+# zero (NaN), which ours refuses by name
+@pytest.mark.parametrize("scenario", list(CPO_SCENARIOS))
+@given(p=cpo_problems(), data=st.data())
+def test_cpo_rows_that_score_nothing(scenario, p, data):
+    cfg = CPOLossConfig(**CPO_SCENARIOS[scenario])
+    labels = p["labels"].clone()
+    rows = labels.shape[0]
+    empty = sorted(data.draw(st.sets(st.integers(0, rows - 1), min_size=1, max_size=rows), label="empty rows"))
+    labels[empty] = -100
+    B = rows // 2
+    ids = p["input_ids"]
+    trl_batch = {
+        "chosen_input_ids": ids[:B], "chosen_attention_mask": torch.ones_like(ids[:B]), "chosen_labels": labels[:B],
+        "rejected_input_ids": ids[B:], "rejected_attention_mask": torch.ones_like(ids[B:]),
+        "rejected_labels": labels[B:],
+    }  # fmt: skip
+    aux = p["aux_loss"] if scenario == "aux_loss" else None
+    trl_logits = p["logits"].clone().requires_grad_()
+    fake, model = _fake_cpo_trainer(cfg, trl_logits, aux)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns of a mean over no element in TRL's NLL
+        trl_loss, trl_metrics = CPOTrainer.get_batch_loss_metrics(fake, model, trl_batch)
+
+    logits = p["logits"].clone().requires_grad_()
+    mask = (labels[:, 1:] != -100).long()
+    stats = token_statistics(logits[:, :-1], labels[:, 1:], mask, outputs=("log_probs",))
+    batch = PreferenceBatch(mask=mask, position_mean_logits=logits.detach().mean(-1), aux_loss=aux)
+    refused = cfg.averages_log_probs or (cfg.cpo_alpha != 0 and not mask[:B].any())
+    if refused:
+        assert not torch.isfinite(trl_loss)
+        with pytest.raises(ValueError, match="mask"):
+            evaluate_preference(stats["log_probs"], batch, cfg)
+        return
+    trl_grad = _grads(trl_loss, trl_logits)[0]
+    terms, metrics = evaluate_preference(stats["log_probs"], batch, cfg)
+    grad = _grads(terms.loss, logits)[0]
+    assert torch.isfinite(terms.loss)
     _assert_same((terms.loss.detach(), grad, metrics), (trl_loss.detach(), trl_grad, trl_metrics))
 
 

@@ -8,6 +8,7 @@ scored tokens) and its LM head outputs one column. The memory test measures one 
 processes.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+from conftest import rel_err  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import (  # noqa: E402
     Gemma2Config,
@@ -295,6 +297,44 @@ def test_cpo_detects_a_logit_transform_the_config_does_not_describe(tokenizer):
 
     with pytest.raises(RuntimeError, match="transforms its LM head's output"):
         train_cpo(tokenizer, misdescribed, flag=True, max_steps=1)
+
+
+@pytest.mark.parametrize("loss_type,fused", [("sigmoid", True), ("simpo", False)])
+def test_a_row_with_nothing_to_score(tokenizer, fused_calls, loss_type, fused):
+    """A chosen row whose labels are all -100: TRL sums its log-probs to 0 (sigmoid), which the fused loss does too,
+    with the same loss, gradients and metrics; or divides by its count (simpo: NaN), and then TRL computes it."""
+    trainer = trl.experimental.cpo.CPOTrainer(
+        model=tiny_model(),
+        args=trl.experimental.cpo.CPOConfig(**CPU_TRAINING_ARGS, output_dir="/tmp/fused-gspo-trl-cpo-test",
+                                            max_length=32, loss_type=loss_type, **{FLAG: True}),
+        train_dataset=preference_dataset(4, seed=0),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
+    batch["chosen_labels"][0] = -100
+    results = {}
+    for flag in (False, True):
+        trainer.args.use_fused_gspo_loss = flag
+        trainer.model.zero_grad()
+        with contextlib.ExitStack() as stack:
+            if flag and not fused:
+                stack.enter_context(pytest.warns(UserWarning, match="averages each row's log-probs"))
+            loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+        grads = {}
+        if fused:
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results[flag] = loss.detach(), grads, metrics
+    assert fused_calls["loss"] == (1 if fused else 0)
+    (loss_off, grads_off, metrics_off), (loss_on, grads_on, metrics_on) = results[False], results[True]
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert torch.isfinite(loss_on) == fused
+    assert grads_on.keys() == grads_off.keys()
+    for name, grad in grads_off.items():
+        assert rel_err(grads_on[name], grad, floor=1e-8) < 1e-4, name
+    assert metrics_on.keys() == metrics_off.keys()
+    for key, value in metrics_off.items():
+        assert metrics_on[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
 def test_flag_off_leaves_trl_untouched(tokenizer):

@@ -236,7 +236,7 @@ def _one_call(trainer, inputs, flag, monkeypatch=None, handed=None):
     import fused_gspo.trl.dpo as adapter
 
     trainer.args.use_fused_gspo_loss = flag
-    if flag:
+    if flag and monkeypatch is not None:  # TRL's layout on Triton devices: only the completion tokens handed over
         monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
         original_call = adapter._PreferenceRequest.__call__
 
@@ -252,6 +252,18 @@ def _one_call(trainer, inputs, flag, monkeypatch=None, handed=None):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.detach(), grads, {k: dict(v) for k, v in trainer._metrics.items()}
+
+
+def _assert_same_call(off, on) -> None:
+    """Flag off vs on for one :func:`_one_call`: loss, gradients and train metrics."""
+    (loss_off, grads_off, metrics_off), (loss_on, grads_on, metrics_on) = off, on
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-7)
+    assert grads_on.keys() == grads_off.keys() and grads_on
+    for name, grad in grads_off.items():
+        assert rel_err(grads_on[name], grad, floor=1e-8) < 1e-4, name
+    assert metrics_on["train"].keys() == metrics_off["train"].keys()
+    for key, values in metrics_off["train"].items():
+        assert metrics_on["train"][key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
 
 
 ONE_CALL_CASES = {
@@ -286,21 +298,15 @@ def test_compute_loss_with_only_the_completion_tokens_handed_over(tokenizer, fus
     trainer.model.train()
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     handed = []
-    loss_off, grads_off, metrics_off = _one_call(trainer, inputs, False)
-    loss_on, grads_on, metrics_on = _one_call(trainer, inputs, True, monkeypatch, handed)
+    off = _one_call(trainer, inputs, False)
+    on = _one_call(trainer, inputs, True, monkeypatch, handed)
     assert fused_calls["loss"] == 1
     mask = inputs["completion_mask"]
     lead = int(mask[:, 0].sum()) if empty_prompt else 0
     assert handed == [int(mask[:, 1:].sum()) + lead]
     if empty_prompt:
         assert lead == 2  # chosen and rejected of the first example
-    torch.testing.assert_close(loss_on, loss_off, rtol=1e-5, atol=1e-7)
-    assert grads_on.keys() == grads_off.keys() and grads_on
-    for name, grad in grads_off.items():
-        assert rel_err(grads_on[name], grad, floor=1e-8) < 1e-4, name
-    assert metrics_on["train"].keys() == metrics_off["train"].keys()
-    for key, values in metrics_off["train"].items():
-        assert metrics_on["train"][key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
+    _assert_same_call(off, on)
     # eval with return_outputs=True (compute_metrics): the logits come from a plain forward, as in TRL
     trainer.model.eval()
     with torch.no_grad(), pytest.warns(FutureWarning, match="return_outputs"):
@@ -313,26 +319,47 @@ def test_compute_loss_with_only_the_completion_tokens_handed_over(tokenizer, fus
 # What TRL computes but the fused loss does not take: TRL's own loss, or a refusal at construction
 
 
-def test_a_sequence_with_nothing_to_score_runs_trls_loss(tokenizer, fused_calls):
-    """An empty prompt and a completion of one token (its EOS): the shifted sequence scores nothing. TRL computes
-    that batch (its log-prob is 0); the fused loss needs a token in every row, so the batch runs TRL's loss."""
+def _nothing_to_score_trainer(tokenizer, chosen: str, **config_kwargs):
+    """A first example with an empty prompt and a one-token chosen completion (its EOS): the shifted chosen row
+    scores nothing."""
     trainer = trl.DPOTrainer(
         model=tiny_model(),
         ref_model=tiny_model(seed=3),
-        args=dpo_args(True),
+        args=dpo_args(True, **config_kwargs),
         train_dataset=datasets.Dataset.from_dict(
-            {"prompt": ["", "w1 w2"], "chosen": ["", " w3"], "rejected": [" w4 w5", " w6"]}
+            {"prompt": ["", "w1 w2"], "chosen": ["", chosen], "rejected": [" w4 w5", " w6"]}
         ),  # fmt: skip
         processing_class=tokenizer,
     )
+    trainer.model.train()
+    return trainer
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["ipo", "sft"]])
+def test_a_sequence_with_nothing_to_score_is_fused(tokenizer, fused_calls, loss_type):
+    """TRL computes a row that scores nothing (its log-prob is 0; ipo's length clamps to 1); so does the fused loss,
+    with the same loss, gradients and metrics (sft: another chosen row still has tokens)."""
+    trainer = _nothing_to_score_trainer(tokenizer, " w3", loss_type=loss_type)
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
+    inputs["completion_mask"][0] = 0  # nothing to score in chosen row 0 (its own EOS, too)
+    assert int(inputs["completion_mask"][0].sum()) == 0 and int(inputs["completion_mask"][1, 1:].sum()) > 0
+    off, on = _one_call(trainer, inputs, False), _one_call(trainer, inputs, True)
+    assert fused_calls["loss"] == 1
+    _assert_same_call(off, on)
+
+
+def test_sft_with_no_chosen_token_runs_trls_loss(tokenizer, fused_calls):
+    """TRL's sft term averages over the chosen tokens: with none in the batch it is NaN, which the fused loss refuses
+    to compute; the adapter hands that batch to TRL's own loss."""
+    trainer = _nothing_to_score_trainer(tokenizer, "", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[0]]))
     assert int(inputs["completion_mask"][0, 1:].sum()) == 0
-    with pytest.warns(UserWarning, match="no completion token"):
+    with pytest.warns(UserWarning, match="sft loss averages over the chosen rows"):
         loss_on = trainer._compute_loss(trainer.model, inputs, False)
     assert fused_calls["loss"] == 0
     trainer.args.use_fused_gspo_loss = False
     loss_off = trainer._compute_loss(trainer.model, inputs, False)
-    torch.testing.assert_close(loss_on, loss_off)
+    torch.testing.assert_close(loss_on, loss_off, equal_nan=True)
 
 
 def test_lora_on_the_lm_head_fails_at_construction(tokenizer, model_path):

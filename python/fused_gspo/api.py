@@ -291,7 +291,8 @@ def fused_preference_loss(
         hidden: ``[2B, T, H]`` in TRL's concatenated layout (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected;
             ``hidden[:, t]`` predicts ``completion_ids[:, t]``), or ``[n, H]``: the valid tokens only, row-major.
         weight: ``[V, H]`` LM-head weight, or the LM-head module (run inside its forward: FSDP2-ready).
-        completion_ids / completion_mask: ``[2B, T]``; every row needs a valid token.
+        completion_ids / completion_mask: ``[2B, T]``. A row may have no valid token (its log-prob is 0, as in
+            TRL) except where the loss would divide by zero (:func:`fused_gspo.preference.batch.check_empty_rows`).
         ref_chosen_logps / ref_rejected_logps: ``[B]`` reference sequence log-probs (DPO; from the dataset or
             :func:`preference_reference_logps`).
         aux_loss: a MoE load-balancing loss, added with the config's ``router_aux_loss_coef``.

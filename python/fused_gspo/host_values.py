@@ -135,13 +135,16 @@ def read_policy_batch(
 def read_preference_batch(
     *, hidden: torch.Tensor, vocab: int, completion_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> BatchCounts:
-    """Read and check a preference batch ``[2B, T]`` whose shapes are already valid: a 0/1 mask, a valid token in
-    every row, a ``[n, H]`` hidden with one row per valid token, ids in ``[0, vocab)``."""
+    """Read and check a preference batch ``[2B, T]`` whose shapes are already valid: a 0/1 mask, a ``[n, H]`` hidden
+    with one row per valid token, ids in ``[0, vocab)``. Which rows may lack a valid token depends on the loss
+    (:func:`fused_gspo.preference.batch.check_empty_rows`)."""
     valid = completion_mask.bool()
     binary, (lo, hi), counts = read_together(
         _binary_check(completion_mask), _id_range(completion_ids, valid), valid.sum(1)
     )
-    row_counts = check_pair_rows("completion_mask", binary[0], counts)
+    if not binary[0]:
+        raise ValueError("completion_mask must hold only 0 and 1")
+    row_counts = tuple(int(c) for c in counts)
     if hidden.dim() == 2 and hidden.shape[0] != sum(row_counts):
         raise ValueError(
             f"packed hidden ([n, H]) must hold one row per valid token ({sum(row_counts)}), got {hidden.shape[0]}"
@@ -150,24 +153,13 @@ def read_preference_batch(
     return BatchCounts(row_counts=row_counts)
 
 
-def read_pair_mask(name: str, mask: torch.Tensor) -> tuple[int, ...]:
-    """Valid tokens per row of a ``[2B, T]`` preference mask, checked as :func:`check_pair_rows` does (one read)."""
+def read_mask_rows(name: str, mask: torch.Tensor) -> tuple[int, ...]:
+    """Valid tokens per row of a 0/1 ``[rows, T]`` mask (one read); ``ValueError`` naming ``name`` if it is not
+    0/1."""
     binary, counts = read_together(_binary_check(mask), mask.bool().sum(1))
-    return check_pair_rows(name, binary[0], counts)
-
-
-def check_pair_rows(name: str, binary: float, counts: list[float]) -> tuple[int, ...]:
-    """A preference mask's host values: 0/1 (``binary``), and a valid token in every row, chosen and rejected alike
-    (the trainers' per-row normalizers would divide by zero); the row counts as ints."""
-    if not binary:
+    if not binary[0]:
         raise ValueError(f"{name} must hold only 0 and 1")
-    row_counts = tuple(int(c) for c in counts)
-    empty = [r for r, c in enumerate(row_counts) if c == 0]
-    if empty:
-        B = len(row_counts) // 2
-        named = [f"{'chosen' if r < B else 'rejected'} row {r if r < B else r - B}" for r in empty]
-        raise ValueError(f"every row needs at least one valid token in {name}; none in {', '.join(named)}")
-    return row_counts
+    return tuple(int(c) for c in counts)
 
 
 def read_ids(name: str, ids: torch.Tensor, vocab: int) -> None:

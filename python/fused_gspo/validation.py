@@ -189,8 +189,9 @@ def validate_preference_inputs(
     *, hidden, weight, completion_ids, completion_mask, bias, values: bool = True
 ) -> BatchCounts | None:
     """The head and per-token inputs of a preference loss: ``[2B, T]`` ids and mask (an even row count), hidden
-    ``[2B, T, H]`` or ``[n, H]`` (the valid tokens, row-major); with ``values``, a 0/1 mask with a valid token in every
-    row and ids in range, from one read whose counts are returned. The loss's own inputs are checked by
+    ``[2B, T, H]`` or ``[n, H]`` (the valid tokens, row-major); with ``values``, a 0/1 mask and ids in range, from one
+    read whose counts are returned. Which rows may be empty depends on the loss
+    (:func:`fused_gspo.preference.batch.check_empty_rows`); the loss's own inputs are checked by
     :func:`fused_gspo.preference.batch.validate_batch`."""
     _tensor("hidden", hidden, floating=True, ndim=(2, 3))
     _check_head(hidden, weight, bias)

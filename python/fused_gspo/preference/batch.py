@@ -4,17 +4,19 @@ Rows ``[0, B)`` are the chosen completions and rows ``[B, 2B)`` the rejected one
 ``B + i`` (``DPOTrainer``'s collator and ``CPOTrainer.concatenated_inputs`` both stack them so). Per-token tensors are
 ``[2B, T]`` in the shifted layout of :mod:`fused_gspo.preference.statistics` (column ``t`` scores token ``t + 1``).
 
-Checks of types and shapes cost nothing; checks of values (a 0/1 mask, a valid token in every row) read the data and
-so wait for the device; ``values=False`` skips them, as in :mod:`fused_gspo.validation`.
+Checks of types and shapes cost nothing; checks of values (a 0/1 mask, rows without a valid token where the loss
+cannot have them) read the data and so wait for the device; ``values=False`` skips them, as in
+:mod:`fused_gspo.validation`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..host_values import read_pair_mask
+from ..host_values import read_mask_rows
 from .config import CPOLossConfig, DPOLossConfig
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -72,9 +74,9 @@ def _check_tensor(name: str, x, shape: tuple[int, ...], *, floating: bool = True
         raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
 
 
-def validate_logps_and_mask(logps: torch.Tensor, mask: torch.Tensor, values: bool = True) -> None:
-    """``logps`` and ``mask`` ``[2B, T]``: an even, non-zero row count and (``values``) a 0/1 mask with a valid
-    token in every row, chosen and rejected alike (TRL's per-row normalizers would divide by zero)."""
+def validate_logps_and_mask(logps: torch.Tensor, mask: torch.Tensor, values: bool = True, config=None) -> None:
+    """``logps`` and ``mask`` ``[2B, T]``: an even, non-zero row count and (``values``) a 0/1 mask; with ``config``,
+    rows without a valid token only where that loss stays finite (:func:`check_empty_rows`)."""
     if not isinstance(logps, torch.Tensor) or logps.dtype not in _FLOATS:
         raise TypeError(f"logps must be a floating torch.Tensor, got {getattr(logps, 'dtype', type(logps))}")
     if logps.dim() != 2:
@@ -88,14 +90,57 @@ def validate_logps_and_mask(logps: torch.Tensor, mask: torch.Tensor, values: boo
         raise ValueError("logps must have at least one position")
     _check_tensor("mask", mask, tuple(logps.shape), floating=False)
     if values:
-        read_pair_mask("mask", mask)
+        row_counts = read_mask_rows("mask", mask)
+        if config is not None:
+            check_empty_rows(config, row_counts, "mask")
+
+
+def _chosen_mean(config) -> bool:
+    """Whether the loss averages over the chosen rows' tokens: DPO's ``sft`` term, CPO's NLL (``cpo_alpha != 0``)."""
+    return "sft" in config.loss_type if isinstance(config, DPOLossConfig) else config.cpo_alpha != 0
+
+
+def may_refuse_empty_rows(config) -> bool:
+    """Whether :func:`empty_rows_refusal` can refuse anything under ``config`` (else rows may always be empty)."""
+    return (isinstance(config, CPOLossConfig) and config.averages_log_probs) or _chosen_mean(config)
+
+
+def empty_rows_refusal(config, row_counts: Sequence[int], name: str) -> str | None:
+    """Why rows without a valid token cannot be computed under ``config`` (TRL divides by their count: NaN), or None.
+
+    Allowed elsewhere, as the trainers allow them: an empty row's log-prob is a sum over no token (0), and DPO clamps
+    its per-row normalizers (``ipo``, ``sigmoid_norm``, WPO weights) to 1. Refused: any empty row under CPO's averaged
+    log-probs (``ipo``, ``simpo``: divided by the row's count, unclamped), and no valid token in any chosen row under
+    a mean over the chosen tokens (DPO's ``sft`` term, CPO's NLL with ``cpo_alpha != 0``).
+    """
+    empty = [r for r, c in enumerate(row_counts) if c == 0]
+    if not empty:
+        return None
+    B = len(row_counts) // 2
+    if isinstance(config, CPOLossConfig) and config.averages_log_probs:
+        named = ", ".join(f"{'chosen' if r < B else 'rejected'} row {r if r < B else r - B}" for r in empty)
+        return (
+            f"loss_type={config.loss_type!r} averages each row's log-probs over its tokens: every row needs at least "
+            f"one valid token in {name}; none in {named}"
+        )
+    if _chosen_mean(config) and all(c == 0 for c in row_counts[:B]):
+        term = "the sft loss" if isinstance(config, DPOLossConfig) else f"the NLL term (cpo_alpha={config.cpo_alpha})"
+        return f"{term} averages over the chosen rows' tokens, and {name} has none in any chosen row"
+    return None
+
+
+def check_empty_rows(config, row_counts: Sequence[int], name: str) -> None:
+    """``ValueError`` with :func:`empty_rows_refusal`'s reason, if there is one."""
+    refusal = empty_rows_refusal(config, row_counts, name)
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def validate_batch(logps: torch.Tensor, batch: PreferenceBatch, config, values: bool = True) -> None:
     """The inputs the loss itself reads (the metrics check theirs in :func:`validate_metric_inputs`)."""
     if not isinstance(batch, PreferenceBatch):
         raise TypeError(f"batch must be a PreferenceBatch, got {type(batch).__name__}")
-    validate_logps_and_mask(logps, batch.mask, values)
+    validate_logps_and_mask(logps, batch.mask, values, config)
     B = logps.shape[0] // 2
     if isinstance(config, DPOLossConfig):
         for name in ("ref_chosen_logps", "ref_rejected_logps"):

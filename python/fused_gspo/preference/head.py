@@ -24,7 +24,7 @@ from ..host_values import valid_positions
 from ..plan.runtime import plan_call
 from ..tile_ops import stats_dtype_for
 from ..validation import validate_preference_inputs
-from .batch import PreferenceBatch, PreferenceTerms
+from .batch import PreferenceBatch, PreferenceTerms, check_empty_rows
 from .config import CPOLossConfig, DPOLossConfig, PreferenceLossConfig
 from .objectives import preference_gradient_coupling, preference_metrics, preference_objective
 
@@ -184,9 +184,10 @@ def compute_preference_loss(
     hooks = hooks or MetricHooks()
     if not isinstance(config, (DPOLossConfig, CPOLossConfig)):
         raise TypeError(f"config must be a DPOLossConfig or a CPOLossConfig, got {type(config).__name__}")
-    counts = validate_preference_inputs(  # with the values: 0/1, a valid token in every row, ids in range
+    counts = validate_preference_inputs(  # with the values: 0/1 mask, ids in range (one read)
         hidden=hidden, weight=weight, completion_ids=completion_ids, completion_mask=completion_mask, bias=bias
     )
+    check_empty_rows(config, counts.row_counts, "completion_mask")
     backend = resolve_backend(backend, hidden.device)
     stats_dtype = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     valid = completion_mask.bool()

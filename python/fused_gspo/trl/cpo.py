@@ -42,6 +42,7 @@ from torch import nn
 
 from ..chunked import weight_gather
 from ..head import HeadParams
+from ..preference.batch import empty_rows_refusal, may_refuse_empty_rows
 from ..preference.config import CPOLossConfig
 from ..preference.head import MetricHooks, compute_preference_loss
 from .config_field import flag_on, init_validated_by
@@ -244,18 +245,27 @@ class _Intercept:
 # The fused get_batch_loss_metrics
 
 
-def _fused_get_batch_loss_metrics(self, model, batch, train_eval="train"):
+def _fused_get_batch_loss_metrics(self, model, batch, train_eval, original):
     """``CPOTrainer.get_batch_loss_metrics`` through the fused head: same loss (``losses.mean() + cpo_alpha *
-    nll_loss [+ aux_loss_coef * aux_loss]``) and metrics (``eval_``-prefixed in eval), no ``[2B, L, V]`` logits."""
+    nll_loss [+ aux_loss_coef * aux_loss]``) and metrics (``eval_``-prefixed in eval), no ``[2B, L, V]`` logits.
+
+    A batch where TRL's loss is NaN (a row with nothing to score under averaged log-probs, or no chosen token under
+    the NLL term), which the fused loss refuses, runs TRL's own ``original`` instead, with a warning."""
     concatenated = self.concatenated_inputs(
         batch, is_encoder_decoder=False, padding_value=self.pad_token_id, device=self.accelerator.device
     )
     labels = concatenated["concatenated_labels"][:, 1:]  # get_batch_logps: labels[:, 1:] against logits[:, :-1]
     mask = labels != -100
+    config = cpo_config_for(self)
+    refusal = may_refuse_empty_rows(config) and empty_rows_refusal(config, mask.sum(1).tolist(), "the labels")
+    if refusal:  # one host read, for the configs that can refuse
+        warnings.warn(f"use_fused_gspo_loss=True: TRL's own loss computes this batch (NaN there): {refusal}",
+                      stacklevel=3)  # fmt: skip
+        return original(self, model, batch, train_eval)
     stand_in = _HeadStandIn(
         completion_ids=labels.masked_fill(~mask, 0),
         completion_mask=mask,
-        config=cpo_config_for(self),
+        config=config,
         head=head_params_for(_unwrap(self, model).config),
         hooks=MetricHooks(gather_for_metrics=self.accelerator.gather_for_metrics),
         train_eval=train_eval,
@@ -316,7 +326,7 @@ def _switch(original):
     @functools.wraps(original)
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):
         if flag_on(self):
-            return _fused_get_batch_loss_metrics(self, model, batch, train_eval)
+            return _fused_get_batch_loss_metrics(self, model, batch, train_eval, original)
         return original(self, model, batch, train_eval)
 
     return get_batch_loss_metrics

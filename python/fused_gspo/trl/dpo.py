@@ -42,9 +42,10 @@ divided by the tensor-parallel size), and the metrics under TRL's names, reduced
 ``gather_for_metrics`` where TRL uses each. ``return_outputs=True`` (deprecated in TRL) reruns the plain forward for
 the logits, as TRL does. ``padding_free=True`` is turned off by TRL 1.16 itself (padded batches).
 
-A batch with a row that has no completion token left to score (an empty prompt before a one-token completion, or a
-truncation that keeps only a completion's first token) runs TRL's own ``_compute_loss``, with a warning:
-:func:`compute_preference_loss` requires a scored token in every row.
+A row that has no completion token left to score (an empty prompt before a one-token completion, or a truncation that
+keeps only a completion's first token) is fused like any other: its log-prob is 0, as in TRL. Only with an ``sft``
+loss and no scored token in any chosen row (TRL's sft term is then NaN) does the batch run TRL's own
+``_compute_loss``, with a warning.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import torch
 
 from ..chunked import weight_gather
 from ..head import HeadParams
+from ..preference.batch import empty_rows_refusal, may_refuse_empty_rows
 from ..preference.config import DPOLossConfig
 from ..preference.dpo import reference_logps
 from ..preference.head import MetricHooks, compute_preference_loss
@@ -320,12 +322,12 @@ def _fused_compute_loss(self, model, inputs, return_outputs, original):
     mode = "train" if self.model.training else "eval"
     completion_mask = inputs["completion_mask"]
     shift_mask = completion_mask[..., 1:]
-    if not bool((shift_mask.sum(dim=1) > 0).all()):
-        _warn_once(
-            "empty",
-            "use_fused_gspo_loss=True: a sequence of this batch has no completion token left to score (an empty "
-            "prompt before a one-token completion, or a truncation); TRL's own loss computes such batches",
-        )
+    config = dpo_config_for(self)
+    # Rows with nothing to score are fused (their log-prob is 0, as in TRL), except where TRL's loss is NaN (the sft
+    # term's mean over the chosen tokens when no chosen row has one): a host read only for the configs that can refuse
+    refusal = may_refuse_empty_rows(config) and empty_rows_refusal(config, shift_mask.sum(1).tolist(), "the batch")
+    if refusal:
+        _warn_once("empty", f"use_fused_gspo_loss=True: TRL's own loss computes such batches (NaN there): {refusal}")
         return original(self, model, inputs, return_outputs)
 
     model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
@@ -336,7 +338,7 @@ def _fused_compute_loss(self, model, inputs, return_outputs, original):
     request = _PreferenceRequest(
         completion_mask=completion_mask,
         input_ids=inputs["input_ids"],
-        config=dpo_config_for(self),
+        config=config,
         ref=None,
         hooks=_hooks(self),
         train_eval=mode,
