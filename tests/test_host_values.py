@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_gspo
-from fused_gspo.host_values import read_policy_batch, read_preference_batch, read_together, valid_positions
+from fused_gspo.host_values import read_batch, read_together, valid_positions
 
 
 @given(sizes=st.lists(st.integers(0, 5), min_size=1, max_size=5), seed=st.integers(0, 2**31 - 1))
@@ -38,7 +38,7 @@ def _packed_batch(lengths, seed):
 def test_policy_counts_equal_a_direct_computation(lengths, seed, num_items):
     cu, mask, ids = _packed_batch(lengths, seed)
     items = torch.tensor(17) if num_items == "tensor" else num_items
-    counts = read_policy_batch(
+    counts = read_batch(
         hidden=torch.zeros(len(ids), 2), vocab=7, completion_ids=ids, completion_mask=mask, cu_seqlens=cu,
         num_items_in_batch=items,
     )  # fmt: skip
@@ -49,7 +49,7 @@ def test_policy_counts_equal_a_direct_computation(lengths, seed, num_items):
     assert counts.num_items == (17.0 if num_items == "tensor" else num_items)
     # the padded layout: per row of [B, T]
     padded = torch.stack([mask[: len(mask) // 2 * 2 : 2], mask[1 : len(mask) // 2 * 2 : 2]])
-    counts = read_policy_batch(
+    counts = read_batch(
         hidden=torch.zeros(*padded.shape, 2), vocab=7, completion_ids=torch.zeros_like(padded),
         completion_mask=padded.bool(), cu_seqlens=None, num_items_in_batch=None,
     )  # fmt: skip
@@ -81,19 +81,19 @@ def test_bad_values_are_refused_by_name(change, match):
         completion_mask=torch.tensor([1, 0, 1, 1, 1, 0]), cu_seqlens=torch.tensor([0, 3, 6]), num_items_in_batch=None,
     )  # fmt: skip
     with pytest.raises(ValueError, match=match):
-        read_policy_batch(**{**batch, **change})
+        read_batch(**{**batch, **change})
     # a masked id out of range is not an error
-    read_policy_batch(**{**batch, "completion_ids": torch.tensor([0, 9, 2, 3, 4, 5])})
+    read_batch(**{**batch, "completion_ids": torch.tensor([0, 9, 2, 3, 4, 5])})
 
 
 def test_preference_read_counts_rows_and_checks_the_packed_count():
     ids = torch.ones(4, 2).long()
     mask = torch.tensor([[1, 1], [0, 0], [1, 0], [0, 1]])  # an empty row is the loss's to judge, not the read's
     with pytest.raises(ValueError, match=r"one row per valid token \(4\), got 6"):
-        read_preference_batch(hidden=torch.zeros(6, 3), vocab=5, completion_ids=ids, completion_mask=mask)
+        read_batch(hidden=torch.zeros(6, 3), vocab=5, completion_ids=ids, completion_mask=mask)
     with pytest.raises(ValueError, match="completion_mask must hold only 0 and 1"):
-        read_preference_batch(hidden=torch.zeros(4, 2, 3), vocab=5, completion_ids=ids, completion_mask=mask * 3)
-    counts = read_preference_batch(hidden=torch.zeros(4, 3), vocab=5, completion_ids=ids, completion_mask=mask)
+        read_batch(hidden=torch.zeros(4, 2, 3), vocab=5, completion_ids=ids, completion_mask=mask * 3)
+    counts = read_batch(hidden=torch.zeros(4, 3), vocab=5, completion_ids=ids, completion_mask=mask)
     assert counts.row_counts == (2, 0, 1, 1)
 
 

@@ -50,10 +50,6 @@ class BatchCounts:
     def valid_tokens(self) -> int:
         return sum(self.row_counts)
 
-    def row_ends(self) -> list[int]:
-        """Cumulative valid-token counts: row ``r``'s valid tokens are ``[ends[r - 1], ends[r])`` in order."""
-        return list(itertools.accumulate(self.row_counts))
-
 
 def _row_valid_counts(valid: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """Valid tokens per row, on the device. Packed: from the prefix sum of ``valid`` at the offsets (clamped into
@@ -83,18 +79,19 @@ def _check_id_range(name: str, lo: float, hi: float, vocab: int) -> None:
         raise ValueError(f"{name} holds token id {int(lo if lo < 0 else hi)}, outside the vocabulary [0, {vocab})")
 
 
-def read_policy_batch(
+def read_batch(
     *,
     hidden: torch.Tensor,
     vocab: int,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    num_items_in_batch,
+    cu_seqlens: torch.Tensor | None = None,
+    num_items_in_batch=None,
 ) -> BatchCounts:
-    """Read and check a policy batch whose shapes are already valid: ``cu_seqlens`` offsets, a 0/1 mask, a packed
-    ``[n, H]`` hidden with one row per valid token, ``num_items_in_batch >= 0``, ids in ``[0, vocab)``. Raises
-    ``ValueError`` naming the argument."""
+    """Read and check a batch (policy, or preference ``[2B, T]``) whose shapes are already valid: ``cu_seqlens``
+    offsets, a 0/1 mask, a packed ``[n, H]`` hidden with one row per valid token, ``num_items_in_batch >= 0``, ids in
+    ``[0, vocab)``. Raises ``ValueError`` naming the argument. Rows without a valid token are the loss's to judge
+    (a preference loss: :func:`fused_gspo.preference.batch.check_empty_rows`)."""
     valid = completion_mask.bool()
     parts = [_binary_check(completion_mask), _id_range(completion_ids, valid), _row_valid_counts(valid, cu_seqlens)]
     if cu_seqlens is not None:
@@ -132,27 +129,6 @@ def read_policy_batch(
     )
 
 
-def read_preference_batch(
-    *, hidden: torch.Tensor, vocab: int, completion_ids: torch.Tensor, completion_mask: torch.Tensor
-) -> BatchCounts:
-    """Read and check a preference batch ``[2B, T]`` whose shapes are already valid: a 0/1 mask, a ``[n, H]`` hidden
-    with one row per valid token, ids in ``[0, vocab)``. Which rows may lack a valid token depends on the loss
-    (:func:`fused_gspo.preference.batch.check_empty_rows`)."""
-    valid = completion_mask.bool()
-    binary, (lo, hi), counts = read_together(
-        _binary_check(completion_mask), _id_range(completion_ids, valid), valid.sum(1)
-    )
-    if not binary[0]:
-        raise ValueError("completion_mask must hold only 0 and 1")
-    row_counts = tuple(int(c) for c in counts)
-    if hidden.dim() == 2 and hidden.shape[0] != sum(row_counts):
-        raise ValueError(
-            f"packed hidden ([n, H]) must hold one row per valid token ({sum(row_counts)}), got {hidden.shape[0]}"
-        )
-    _check_id_range("completion_ids", lo, hi, vocab)
-    return BatchCounts(row_counts=row_counts)
-
-
 def read_mask_rows(name: str, mask: torch.Tensor) -> tuple[int, ...]:
     """Valid tokens per row of a 0/1 ``[rows, T]`` mask (one read); ``ValueError`` naming ``name`` if it is not
     0/1."""
@@ -178,5 +154,5 @@ def valid_positions(valid: torch.Tensor, count: int) -> torch.Tensor:
         return flat.new_zeros(0, dtype=torch.long)
     try:
         return torch.nonzero_static(flat, size=count).flatten()
-    except (NotImplementedError, RuntimeError, AttributeError):
+    except NotImplementedError:  # no kernel for this device
         return flat.nonzero().flatten()

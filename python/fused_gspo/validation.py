@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .config import PolicyLossConfig
-from .host_values import BatchCounts, read_ids, read_policy_batch, read_preference_batch
+from .host_values import BatchCounts, read_batch, read_ids
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -95,7 +95,7 @@ def validate_policy_inputs(
     values: bool = True,
 ) -> BatchCounts | None:
     """Every check of a policy loss's inputs; with ``values``, also the checks that read the data, all from the
-    host's one read of the batch (:func:`fused_gspo.host_values.read_policy_batch`), whose counts are returned."""
+    host's one read of the batch (:func:`fused_gspo.host_values.read_batch`), whose counts are returned."""
     packed = cu_seqlens is not None
     _tensor("hidden", hidden, floating=True, ndim=(2,) if packed else (2, 3))
     _check_head(hidden, weight, bias)
@@ -179,7 +179,7 @@ def validate_policy_inputs(
     )
     if not values:
         return None
-    return read_policy_batch(
+    return read_batch(
         hidden=hidden, vocab=weight.shape[0], completion_ids=completion_ids, completion_mask=completion_mask,
         cu_seqlens=cu_seqlens, num_items_in_batch=num_items_in_batch,
     )  # fmt: skip
@@ -214,6 +214,6 @@ def validate_preference_inputs(
     _same_device(hidden, weight=weight, bias=bias, completion_ids=completion_ids, completion_mask=completion_mask)
     if not values:
         return None
-    return read_preference_batch(
+    return read_batch(
         hidden=hidden, vocab=weight.shape[0], completion_ids=completion_ids, completion_mask=completion_mask
     )
