@@ -43,12 +43,12 @@ EVAL_TIMINGS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_secon
 def fused_calls_fixture(monkeypatch):
     """Counts the fused DPO losses, the fused (reference) log-prob passes, and the deferred losses."""
     import fused_gspo.trl.dpo as adapter
-    import fused_gspo.trl.patch as patch
+    import fused_gspo.trl.stand_in as stand_in
 
     calls = {"loss": 0, "logprobs": 0, "deferred": 0}
     loss_fn, logprob_fn, finish = (
         adapter.compute_preference_loss,
-        patch.fused_logprobs,
+        stand_in.fused_logprobs,
         adapter._PreferenceRequest.finish,
     )
 
@@ -65,7 +65,7 @@ def fused_calls_fixture(monkeypatch):
         return finish(self, ref)
 
     monkeypatch.setattr(adapter, "compute_preference_loss", counted_loss)
-    monkeypatch.setattr(patch, "fused_logprobs", counted_logprobs)
+    monkeypatch.setattr(stand_in, "fused_logprobs", counted_logprobs)
     monkeypatch.setattr(adapter._PreferenceRequest, "finish", counted_finish)
     return calls
 

@@ -37,6 +37,25 @@ def test_autouse_fixtures_apply_here(request):
     assert_autouse_fixtures_active(request)
 
 
+# An untested TRL release: the adapter refuses by name, patching nothing (it replaces private methods)
+@pytest.mark.parametrize("version", ["1.17.0", "1.16.1", "1.15.2", "2.0.0.dev0"])
+def test_patch_refuses_an_untested_trl_release(monkeypatch, version):
+    from fused_gspo.trl import FLAG, is_patched, patch_trl, unpatch_trl
+    from fused_gspo.trl.patch import TESTED_TRL_VERSIONS
+
+    unpatch_trl()
+    compute_loss = trl.GRPOTrainer.__dict__["_compute_loss"]
+    monkeypatch.setattr(trl, "__version__", version)
+    with pytest.raises(RuntimeError, match=rf"TRL {TESTED_TRL_VERSIONS[0]}.*TRL {version} is installed.*refuses"):
+        patch_trl()
+    assert not is_patched()
+    assert FLAG not in trl.GRPOConfig.__dataclass_fields__
+    assert trl.GRPOTrainer.__dict__["_compute_loss"] is compute_loss
+    monkeypatch.setattr(trl, "__version__", TESTED_TRL_VERSIONS[0])
+    patch_trl()
+    assert is_patched()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training: flag off vs on
 

@@ -60,9 +60,10 @@ def patched_fixture():
 def fused_calls_fixture(monkeypatch):
     """Counts the fused loss and log-prob computations, to prove the flag really switches the path."""
     import fused_gspo.trl.patch as adapter
+    import fused_gspo.trl.stand_in as stand_in
 
     calls = {"loss": 0, "logprobs": 0}
-    loss_fn, logprob_fn = adapter.compute_policy_loss, adapter.fused_logprobs
+    loss_fn, logprob_fn = adapter.compute_policy_loss, stand_in.fused_logprobs
 
     def counted_loss(*args, **kwargs):
         calls["loss"] += 1
@@ -73,18 +74,19 @@ def fused_calls_fixture(monkeypatch):
         return logprob_fn(*args, **kwargs)
 
     monkeypatch.setattr(adapter, "compute_policy_loss", counted_loss)
-    monkeypatch.setattr(adapter, "fused_logprobs", counted_logprobs)
+    monkeypatch.setattr(stand_in, "fused_logprobs", counted_logprobs)
     return calls
 
 
 def assert_autouse_fixtures_active(request) -> None:
     """The autouse fixtures imported from here apply to the calling test: TRL is patched and the fused calls counted."""
     import fused_gspo.trl.patch as adapter
+    import fused_gspo.trl.stand_in as stand_in
 
     assert {"patched", "fused_calls"} <= set(request.fixturenames)
     assert is_patched() and FLAG in trl.GRPOConfig.__dataclass_fields__
     assert adapter.compute_policy_loss.__name__ == "counted_loss"
-    assert adapter.fused_logprobs.__name__ == "counted_logprobs"
+    assert stand_in.fused_logprobs.__name__ == "counted_logprobs"
 
 
 # ---------------------------------------------------------------------------------------------------------------

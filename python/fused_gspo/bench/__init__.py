@@ -42,7 +42,7 @@ not shadowed by the function), :mod:`.report` (table, plot, environment), :mod:`
 recorded plans).
 """
 
-from .cli import Settings, build_parser, main, resolve_settings, run_benchmark
+from .cli import build_parser, main, resolve_settings, run_benchmark
 from .contenders import (
     CONTENDERS,
     Contender,
@@ -97,6 +97,7 @@ from .problem import (
     relative_error,
 )
 from .report import Progress, check_label, device_info, format_notes, format_table, library_versions, write_plot
+from .settings import Settings
 
 __all__ = [
     "CONTENDERS",

@@ -1,4 +1,5 @@
-"""The command line: argument parsing, the resolved :class:`Settings`, the benchmark loop and ``main``."""
+"""The command line: argument parsing, resolving it into :class:`~.settings.Settings`, the benchmark loop and
+``main``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,7 +22,6 @@ from .planning import default_profile, profile_choices, recorded_plans, resolve_
 from .preference_cli import add_preference_arguments, check_family_options, resolve_preference
 from .preference_contenders import PREFERENCE_CONTENDERS, build_preference_contenders
 from .preference_problem import (
-    PreferenceObjective,
     compute_preference_reference,
     make_preference_inputs,
     preference_seq_len,
@@ -38,6 +38,7 @@ from .problem import (
     make_inputs,
 )
 from .report import Progress, device_info, format_notes, format_table, library_versions, write_plot
+from .settings import Settings
 
 
 def _csv(kind: str, allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -154,43 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
         f"'cpu' with --device cpu): {', '.join(profile_choices())}",
     )
     return parser
-
-
-@dataclass
-class Settings:
-    """Everything a run needs, with the device-dependent defaults filled in."""
-
-    device: torch.device
-    model: str | None
-    token_counts: list[int]
-    hidden: int
-    vocab: int
-    seq_len: int | None  # None: default_seq_len(tokens)
-    dtype_name: str
-    valid_frac: float
-    contenders: list[str]
-    modes: list[str]
-    repeats: int
-    warmup: int
-    seed: int
-    config: PolicyLossConfig | PreferenceObjective  # what each contender is given
-    explain: bool = False
-    device_profile: str | None = None  # --explain's profile (a name fused_gspo.explain takes)
-    family: str = "policy"  # --objective: policy, dpo or cpo
-
-    def objective(self) -> str:
-        cfg = self.config
-        if isinstance(cfg, PreferenceObjective):
-            return cfg.describe()
-        text = f"loss_type={cfg.loss_type} level={cfg.importance_sampling_level} beta={cfg.beta} "
-        text += f"epsilon={cfg.epsilon}/{cfg.effective_epsilon_high}"
-        if cfg.temperature != 1.0:
-            text += f" temperature={cfg.temperature}"
-        if cfg.final_logit_softcapping is not None:
-            text += f" softcap={cfg.final_logit_softcapping}"
-        if cfg.workspace_bytes != "auto":
-            text += f" workspace_bytes={cfg.workspace_bytes}"
-        return text
 
 
 def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:

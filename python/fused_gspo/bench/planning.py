@@ -8,7 +8,6 @@ import json
 import shlex
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,9 +16,7 @@ from ..plan import Plan, explain
 from ..plan.devices import DeviceProfile, get_profile, profile_names
 from .problem import DTYPES, Shape, default_seq_len, layout_row_lengths
 from .report import library_versions
-
-if TYPE_CHECKING:
-    from .cli import Settings
+from .settings import Settings
 
 
 def profile_choices() -> list[str]:

@@ -15,7 +15,7 @@ How the loss is computed. TRL's model call runs unchanged, ``model(**model_kwarg
 fused_lm_head=True)``: the forward TRL's ``add_fused_lm_head`` patched onto the model runs the backbone (DDP, PEFT,
 gradient checkpointing, autocast, the MoE router bookkeeping, a ZeRO-3 / FSDP2 gather of the head all TRL's) and hands
 ``hidden, weight, bias, targets, temperature, softcap, logit_scale`` to ``ChunkedLogProbFunction.apply``, for which
-:class:`fused_gspo.trl.patch._ChunkedLogProbStandIn` stands in. While :class:`_PreferenceRequest` is active, the
+:class:`fused_gspo.trl.stand_in.ChunkedLogProbStandIn` stands in. While :class:`_PreferenceRequest` is active, the
 stand-in computes the whole DPO loss there with :func:`fused_gspo.preference.head.compute_preference_loss` (the
 single pass where the planner picks it: ``6NHV``, the gradient formed while each chunk's logits are at hand, where
 TRL's head recomputes them in its backward) and hands TRL's forward per-token log-probs and entropies in the layout
@@ -26,7 +26,7 @@ row has the virtual tokens' positions in front, and, when a row's first token is
 one more valid label, which TRL's ``[:, -seq_len:]`` drops and so is dropped here.
 
 The reference. ``ref_model``, or the policy with its PEFT adapter disabled (or switched to the ``"ref"`` adapter),
-is called as TRL calls it with :class:`fused_gspo.trl.patch._LogProbRequest` active (no-grad fused log-probs), and
+is called as TRL calls it with :class:`fused_gspo.trl.stand_in.LogProbRequest` active (no-grad fused log-probs), and
 reduced with :func:`fused_gspo.preference.dpo.reference_logps` (sum, or LD-DPO's ``ld_alpha`` split). It runs
 *before* the policy's forward, since the fused loss needs it there. TRL runs it after: the two orders give the same
 numbers unless the reference pass draws random numbers (dropout active in it: PEFT, whose reference is the policy
@@ -62,8 +62,8 @@ from ..preference.batch import empty_rows_refusal, may_refuse_empty_rows
 from ..preference.config import DPOLossConfig
 from ..preference.dpo import reference_logps
 from ..preference.head import MetricHooks, compute_preference_loss
-from . import patch
 from .config_field import flag_on, init_validated_by
+from .stand_in import LogProbRequest, active
 
 # The chunked head's scratch budget for every fused DPO call (``"auto"``: the planner's default). Read at each call.
 WORKSPACE_BYTES: int | str = "auto"
@@ -251,7 +251,7 @@ class _GeneratorStates:
 
 def _reference_per_token(call) -> torch.Tensor:
     """``call()`` (a no-grad model call with ``fused_lm_head=True``) through the fused log-prob path."""
-    with patch._active(patch._LogProbRequest()):
+    with active(LogProbRequest()):
         return call().log_probs
 
 
@@ -360,7 +360,7 @@ def _fused_compute_loss(self, model, inputs, return_outputs, original):
         else:
             request.ref = ref
 
-    with patch._active(request):
+    with active(request):
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
     if request.output is None and request.captured is None:
         raise RuntimeError(

@@ -11,77 +11,37 @@ What ``patch_trl()`` changes, and ``unpatch_trl()`` restores:
   last hidden states and the LM head, and keeps TRL's bookkeeping (normalizers, entropy-bonus controller, MoE
   auxiliary loss, metrics under TRL's names, reduced across processes as TRL reduces them).
 
-How the hidden states are reached: TRL scores tokens through the forward it patches onto the model
-(``add_fused_lm_head``), which runs the backbone, gathers the LM head (FSDP2 ``full_tensor``, ZeRO-3 gather), and hands
-``hidden, weight, bias, targets, temperature, softcap, logit_scale`` to ``ChunkedLogProbFunction.apply``. We stand in
-for that one call while a fused request is active, so PEFT, gradient checkpointing, multimodal inputs, autocast and
-``cast_lm_head_to_fp32`` all go through TRL's own plumbing. In ``_compute_loss`` the request computes the whole loss
-there; elsewhere (the no-grad ``old``/``ref`` log-prob passes) it computes log-probs with :func:`fused_logprobs`.
+How the hidden states are reached: TRL scores tokens through the forward it patches onto the model; the call to its
+chunked head is taken by :class:`.stand_in.ChunkedLogProbStandIn`, so PEFT, gradient checkpointing, multimodal
+inputs, autocast and ``cast_lm_head_to_fp32`` all go through TRL's own plumbing. In ``_compute_loss`` the request
+computes the whole loss there; elsewhere (the no-grad ``old``/``ref`` log-prob passes) it computes log-probs with
+:func:`fused_gspo.fused_logprobs` (:class:`.stand_in.LogProbRequest`).
+
+TRL versions: the patch replaces private methods of TRL 1.16.0 (:data:`TESTED_TRL_VERSIONS`); on any other version
+:func:`patch_trl` raises instead of patching.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import warnings
 
 import torch
 
-from ..api import fused_logprobs
-from ..chunked import weight_gather
 from ..config import PolicyLossConfig
 from ..policy import CrossProcess, compute_policy_loss
+from . import cpo, dpo
 from .config_field import add_flag_field, flag_on, init_validated_by, remove_flag_field
+from .stand_in import ChunkedLogProbStandIn, LogProbRequest, active, current_request
 
-_request: contextvars.ContextVar = contextvars.ContextVar("fused_gspo_request", default=None)
 _saved: dict = {}
+
+# The TRL releases whose private methods this adapter was written against and tested with
+TESTED_TRL_VERSIONS = ("1.16.0",)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Standing in for TRL's ChunkedLogProbFunction
-
-
-class _ChunkedLogProbStandIn:
-    """Where TRL calls ``ChunkedLogProbFunction.apply``: ours while a request is active, TRL's otherwise.
-
-    TRL calls it with the head gathered (ZeRO-3) for the forward; a backward that recomputes the projection re-enters
-    TRL's same gather (``maybe_gather_lm_head_ctx``), as TRL's own backward does.
-    """
-
-    def __init__(self, original):
-        self.original = original
-
-    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, *rest):
-        request = _request.get()
-        if request is None:
-            return self.original.apply(
-                hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, *rest
-            )
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-
-        token = weight_gather.set(maybe_gather_lm_head_ctx)
-        try:
-            return request(hidden, weight, bias, targets, float(temperature), softcap, float(logit_scale))
-        finally:
-            weight_gather.reset(token)
-
-
-class _LogProbRequest:
-    """TRL asks for log-probs (and entropies): the fused log-prob path, differentiable if grads are on."""
-
-    def __call__(self, hidden, weight, bias, targets, temperature, softcap, logit_scale):
-        logp, entropy = fused_logprobs(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            temperature=temperature,
-            logit_scale=logit_scale,
-            final_logit_softcapping=softcap,
-            return_entropy=True,
-        )
-        return logp, entropy, None, None, None
+# The policy trainers' loss request
 
 
 class _LossRequest:
@@ -134,15 +94,6 @@ class _LossRequest:
             else:
                 per_token.append(values[scored])
         return per_token[0], per_token[1], None, None, None
-
-
-@contextlib.contextmanager
-def _active(request):
-    token = _request.set(request)
-    try:
-        yield request
-    finally:
-        _request.reset(token)
 
 
 def _quiet_replace(config: PolicyLossConfig, **changes) -> PolicyLossConfig:
@@ -245,7 +196,7 @@ def _score(trainer, model, inputs, loss_mask, config, loss_kwargs, compute_aux_l
         loss_kwargs=loss_kwargs,
         hooks=_hooks(trainer),
     )
-    with _active(request):
+    with active(request):
         _, _, aux_loss = trainer._get_per_token_logps_and_entropies(
             model,
             input_ids,
@@ -377,9 +328,9 @@ def _switch(original, fused):
 def _fused_logps_when_flagged(original):
     @functools.wraps(original)
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        if not flag_on(self) or _request.get() is not None:
+        if not flag_on(self) or current_request() is not None:
             return original(self, *args, **kwargs)
-        with _active(_LogProbRequest()):
+        with active(LogProbRequest()):
             return original(self, *args, **kwargs)
 
     return _get_per_token_logps_and_entropies
@@ -399,10 +350,8 @@ def _targets():
     from trl import GRPOTrainer, RLOOTrainer
     from trl.experimental.gmpo import GMPOTrainer
 
-    from . import cpo, dpo
-
     return [
-        (trl_utils, "_ChunkedLogProbFunction", _ChunkedLogProbStandIn),
+        (trl_utils, "_ChunkedLogProbFunction", ChunkedLogProbStandIn),
         (GRPOTrainer, "_compute_loss", lambda f: _switch(f, _grpo_compute_loss)),
         (GMPOTrainer, "_compute_loss", lambda f: _switch(f, _gmpo_compute_loss)),
         (RLOOTrainer, "_compute_loss", lambda f: _switch(f, _rloo_compute_loss)),
@@ -419,19 +368,37 @@ def _config_classes():
     from trl import GRPOConfig, RLOOConfig
     from trl.experimental.gmpo import GMPOConfig
 
-    from . import cpo, dpo
-
     return [GRPOConfig, RLOOConfig, GMPOConfig, *dpo.config_classes(), *cpo.config_classes()]
+
+
+def check_trl_version() -> None:
+    """Raise ``RuntimeError`` unless the installed TRL is one the adapter was tested with: the patch replaces private
+    methods (``_compute_loss``, ``_get_per_token_logps_and_entropies``, ``_ChunkedLogProbFunction``), whose
+    signatures and semantics change between releases without notice."""
+    import trl
+
+    installed = getattr(trl, "__version__", "unknown")
+    if installed not in TESTED_TRL_VERSIONS:
+        raise RuntimeError(
+            f"fused_gspo's TRL adapter (use_fused_gspo_loss) was built against TRL {' / '.join(TESTED_TRL_VERSIONS)}, "
+            f"but TRL {installed} is installed; it patches TRL's private methods, so on another release it could "
+            f"compute a different loss without an error, and it refuses to patch. Install "
+            f"trl=={TESTED_TRL_VERSIONS[-1]} (pip install 'fused-gspo[trl]'), or call fused_gspo.fused_policy_loss "
+            "directly, which does not depend on TRL."
+        )
 
 
 def patch_trl() -> None:
     """Give TRL's GRPO, GMPO, RLOO, DPO and CPO configs the ``use_fused_gspo_loss`` field and their trainers the
     switch.
 
-    Idempotent; :func:`unpatch_trl` restores TRL exactly. With the flag off nothing about TRL changes.
+    Idempotent; :func:`unpatch_trl` restores TRL exactly. With the flag off nothing about TRL changes. Raises
+    ``RuntimeError`` naming the tested versions, and patches nothing, on a TRL release other than
+    :data:`TESTED_TRL_VERSIONS`.
     """
     if _saved.get("patched"):
         return
+    check_trl_version()
     for cls in _config_classes():
         add_flag_field(cls)
     originals = []
