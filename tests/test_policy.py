@@ -1,10 +1,15 @@
 """The policy loss through the head (``policy.py``): the strategy follows the objective's gradient coupling, the chunk
 objective protocol, the token layout."""
 
+from unittest import mock
+
 import pytest
 import torch
-from conftest import draw_problem, rel_err, run_policy_loss
+from conftest import draw_packed_problem, draw_problem, objectives, rel_err, run_policy_loss
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
+from fused_gspo.backends import tile_ops_for
 from fused_gspo.chunked import SinglePassFunction
 from fused_gspo.config import PolicyLossConfig
 from fused_gspo.head import TokenStats
@@ -125,3 +130,92 @@ def test_token_layout_of_packed_rows():
         (0, 1), (0, 3), (2, 3), (2, 4), (3, 4)
     ]  # fmt: skip
     assert torch.equal(layout.scatter(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.tensor([1.0, 0, 2, 3, 0, 4]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed batches with empty sequences, chunked: each chunk's objective reads per-row and per-token inputs as the whole
+# batch does (issue 23: a chunk whose rows hold as many positions as there are rows read per-token values as per-row)
+
+
+def _assert_packed_equals_padded(packed, padded, keep, backend, dtype, tol, cfg, tokens_per_chunk):
+    """The packed call, chunked by a budget of ``tokens_per_chunk``, against the float64 eager padded twin: loss,
+    log-probs and the gradients of hidden (at the positions both hold), weight and bias. Returns the chunk bounds of
+    the single pass (None: two phases)."""
+    ops = tile_ops_for(backend)
+    workspace = tokens_per_chunk * packed["weight"].shape[0] * dtype.itemsize * (1 + ops.temporaries)
+    calls = []
+    original = SinglePassFunction.apply
+
+    def spy(*args):
+        calls.append(args[4].bounds)
+        return original(*args)
+
+    with mock.patch.object(SinglePassFunction, "apply", spy):  # a fixture's monkeypatch would outlive one example
+        out, grads = run_policy_loss(packed, dtype, backend, **cfg, workspace_bytes=workspace)
+    ref, ref_grads = run_policy_loss(padded, torch.float64, "eager", **cfg)
+    assert rel_err(out.loss, ref.loss, floor=0.1) < tol, (out.loss, ref.loss)
+    assert rel_err(out.logps, ref.logps[keep], floor=1.0) < tol
+    assert rel_err(grads[0], ref_grads[0][keep]) < tol, "hidden"
+    assert (ref_grads[0][~keep] == 0).all()
+    assert len(grads) == len(ref_grads) == (3 if "bias" in packed else 2)
+    for name, got, want in zip(("weight", "bias")[: len(grads) - 1], grads[1:], ref_grads[1:], strict=True):
+        assert rel_err(got, want) < tol, name
+    return calls[0] if calls else None
+
+
+# the issue's recipe: sequences of 1, 0, 2 and 3 tokens, float64, 3-token chunks; one case per failure it listed
+@pytest.mark.parametrize(
+    "cfg,opts",
+    [
+        ({"loss_type": "dapo"}, {"off_policy": True}),
+        (
+            {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+            {"per_token_advantages": True, "off_policy": False},
+        ),
+        ({"loss_type": "rloo"}, {"off_policy": True}),
+    ],
+    ids=["dapo-sequence-advantages", "gspo-token-advantages", "rloo-token-old-logps"],
+)
+def test_packed_empty_sequence_chunked_gives_the_padded_gradients(cfg, opts):
+    packed, padded, keep = draw_packed_problem([1, 0, 2, 3], 8, 23, seed=4, holes=False, **opts)
+    bounds = _assert_packed_equals_padded(packed, padded, keep, "torch", torch.float64, 1e-12, cfg, 3)
+    assert bounds is not None and len(bounds) > 1, "the budget should force a single pass of several chunks"
+
+
+# A row, one or two empty rows, a row: as many positions as rows, so a chunk over them has the shapes of a slice of
+# per-row values (issue 23); around them, random lengths with more empty and one-token sequences
+_SHAPE_TRAP = st.integers(1, 2).flatmap(
+    lambda zeros: st.integers(1, zeros + 1).map(lambda first: [first, *[0] * zeros, zeros + 2 - first])
+)
+_SOME_LENGTHS = st.lists(st.sampled_from([0, 1, 1, 2, 3, 5]), max_size=3)
+packed_lengths = st.tuples(_SOME_LENGTHS, _SHAPE_TRAP, _SOME_LENGTHS).map(lambda parts: [n for p in parts for n in p])
+
+
+# Packed batches with empty and one-token sequences, per-token and per-sequence inputs, any objective, any budget:
+# float64 is the padded reference to its rounding on both chunked backends (the Triton backend's float64 chunks go
+# to the PyTorch tile ops, under its own planning); float32 runs the Triton kernels. 60 examples (a few seconds):
+# about one in ten draws lands a chunk on the shape trap with an input it would misread
+@pytest.mark.parametrize(
+    "backend,dtype,tol",
+    [("torch", torch.float64, 1e-12), ("triton", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)],
+)
+@settings(max_examples=max(60, settings().max_examples))
+@given(
+    objective=objectives(),
+    lengths=packed_lengths,
+    holes=st.booleans(),
+    tokens_per_chunk=st.integers(1, 5),
+    sequence_old_logps=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_packed_batches_with_empty_sequences_equal_the_padded_reference(
+    backend, dtype, tol, objective, lengths, holes, tokens_per_chunk, sequence_old_logps, seed
+):
+    cfg, opts = objective
+    assume(len(lengths) != sum(lengths))  # as many sequences as positions: refused (tests/test_api.py)
+    sequence_old_logps = sequence_old_logps and cfg["loss_type"] == "rloo" and opts["off_policy"]
+    packed, padded, keep = draw_packed_problem(
+        lengths, 8, 23, seed=seed, sequence_old_logps=sequence_old_logps, holes=holes, **opts
+    )
+    cfg = {**cfg, "max_completion_length": keep.shape[1]}  # dr_grpo's normalizer, which a packed batch cannot infer
+    _assert_packed_equals_padded(packed, padded, keep, backend, dtype, tol, cfg, tokens_per_chunk)
