@@ -163,7 +163,12 @@ def test_value_checks_run_inside_the_operator():
 
 
 # the operators' registrations (schema, fake tensors, autograd) as PyTorch checks them
-@pytest.mark.parametrize("needs", [[True, True, False], [False, True, False], [False, False, False]])
+# needs: hidden, weight, bias, advantages, completion_mask, old_logps, ref_logps, sampling_logps, importance ratio
+@pytest.mark.parametrize(
+    "needs",
+    [[True, True, False] + [False] * 6, [False, True, False] + [False] * 6, [False] * 9,
+     [True, True, False, True, False, True, False, False, False]],
+)  # fmt: skip
 def test_opcheck_policy_loss(needs):
     config = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence_token")
     x, weight, _, rest = _inputs(seed=4)
@@ -185,3 +190,20 @@ def test_opcheck_logprobs():
 def test_config_round_trips_through_the_operator_key():
     config = PolicyLossConfig(loss_type="vespo", epsilon_high=0.3, delta=None, workspace_bytes=1 << 20, beta=0.1)
     assert ops._config(ops.config_key(config)) == config
+
+
+# the objective's own inputs that require grad (advantages, old log-probs, the vLLM ratio) get the eager gradient
+# through the operator, single pass and two phases (issue 23: dropped by the single pass)
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])
+def test_compiled_step_gives_the_objective_s_inputs_their_gradient(top_entropy_quantile):
+    config = PolicyLossConfig(loss_type="dapo", top_entropy_quantile=top_entropy_quantile, workspace_bytes=29 * 4 * 9)
+    x, weight, bias, rest = _inputs(seed=7, is_ratio_shape="token", per_token_advantages=True)
+    for name in ("advantages", "old_logps", "importance_sampling_ratio"):
+        rest[name].requires_grad_()
+    step = _step(_model(x.shape[-1]), weight, bias, config)
+    leaves = [weight, rest["advantages"], rest["old_logps"], rest["importance_sampling_ratio"]]
+    loss, _, _ = torch.compile(step, fullgraph=True, backend="aot_eager")(x, **rest)
+    ref_loss, _, _ = step(x, **rest)
+    assert rel_err(loss, ref_loss) < 1e-6
+    grads, ref_grads = torch.autograd.grad(1.5 * loss, leaves), torch.autograd.grad(1.5 * ref_loss, leaves)
+    assert all(float(r.norm()) > 0 and rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads, strict=True))

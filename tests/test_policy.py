@@ -9,6 +9,7 @@ from conftest import draw_packed_problem, draw_problem, objectives, rel_err, run
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from fused_gspo import fused_policy_loss
 from fused_gspo.backends import tile_ops_for
 from fused_gspo.chunked import SinglePassFunction
 from fused_gspo.config import PolicyLossConfig
@@ -219,3 +220,59 @@ def test_packed_batches_with_empty_sequences_equal_the_padded_reference(
     )
     cfg = {**cfg, "max_completion_length": keep.shape[1]}  # dr_grpo's normalizer, which a packed batch cannot infer
     _assert_packed_equals_padded(packed, padded, keep, backend, dtype, tol, cfg, tokens_per_chunk)
+
+
+# Every tensor input that may carry a gradient: the head's, and the objective's own when they require grad
+# (advantages, old / reference / sampler log-probs, the vLLM ratio): the eager gradient on each chunked backend and
+# strategy, to float64 rounding (the Triton backend's float64 chunks go to the PyTorch tile ops) and in float32 through
+# the Triton kernels; None exactly where eager gives None (the off-policy mask only compares the sampler's
+# log-probs). Issue 23: the single pass gave the objective's inputs none.
+@pytest.mark.parametrize(
+    "backend,dtype,tol",
+    [("torch", torch.float64, 1e-12), ("triton", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)],
+)
+@pytest.mark.parametrize(
+    "cfg,strategy",
+    [
+        ({"loss_type": "dapo", "beta": 0.04, "off_policy_mask_threshold": 0.02}, "single_pass"),  # token coupling
+        ({"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.04}, "single_pass"),  # sequence
+        ({"loss_type": "bnpo", "beta": 0.04, "top_entropy_quantile": 0.5}, "two_phase"),  # global
+    ],
+    ids=["token", "sequence", "two-phase"],
+)
+@pytest.mark.parametrize("per_token_advantages", [False, True])
+def test_every_input_that_requires_grad_gets_the_eager_gradient(backend, dtype, tol, cfg, strategy,
+                                                                per_token_advantages):  # fmt: skip
+    problem = draw_problem(3, 5, 8, 23, seed=6, per_token_advantages=per_token_advantages, with_ref=True,
+                           with_sampling=True, is_ratio_shape="token", with_bias=True)  # fmt: skip
+    ops = tile_ops_for(backend)
+    workspace = 5 * 23 * dtype.itemsize * (1 + ops.temporaries)  # chunks of up to a row's 5 tokens
+
+    def grads(backend, dtype, **options):
+        # the reference sees the backend's rounded inputs, in float64
+        leaves = {k: v.to(dtype).to(dtype if backend != "eager" else torch.float64).requires_grad_()
+                  for k, v in problem.items() if v.is_floating_point()}  # fmt: skip
+        out = fused_policy_loss(**{**problem, **leaves}, backend=backend, **cfg, **options)
+        return out.loss, dict(zip(leaves, torch.autograd.grad(out.loss, list(leaves.values()), allow_unused=True),
+                                  strict=True))  # fmt: skip
+
+    calls = []
+    original = SinglePassFunction.apply
+
+    def spy(*args):
+        calls.append(args[4].bounds)
+        return original(*args)
+
+    with mock.patch.object(SinglePassFunction, "apply", spy):
+        loss, got = grads(backend, dtype, workspace_bytes=workspace)
+    assert (len(calls) == 1 and len(calls[0]) > 1) if strategy == "single_pass" else calls == []
+    ref_loss, want = grads("eager", dtype)
+    assert rel_err(loss, ref_loss, floor=0.1) < tol
+    assert set(want) == {"hidden", "weight", "bias", "advantages", "old_logps", "ref_logps", "sampling_logps",
+                         "importance_sampling_ratio"}  # fmt: skip
+    for name, ref_grad in want.items():
+        if name == "sampling_logps":
+            assert ref_grad is None and got[name] is None
+            continue
+        assert ref_grad is not None and float(ref_grad.norm()) > 0 and got[name] is not None, name
+        assert got[name].dtype == dtype and rel_err(got[name], ref_grad) < tol, name

@@ -63,7 +63,14 @@ class ChunkObjective(Protocol):
     The driver scores chunk ``[start, stop)`` of the valid tokens, then calls :meth:`grad` with its statistics; once
     every chunk is scored, :meth:`finish` with all of them. Implementations keep what they compute (the loss terms,
     the per-token log-probs) as attributes for the caller.
+
+    ``inputs``: the loss's own tensors that want a gradient besides the head's (advantages that require grad, a MoE
+    ``aux_loss``); the caller hands them to :class:`SinglePassFunction` after the objective, so autograd reaches them,
+    and :meth:`finish` sets ``input_grads``, ``dL/d`` each of them, in order.
     """
+
+    inputs: tuple[torch.Tensor, ...]
+    input_grads: tuple[torch.Tensor | None, ...]
 
     def grad(self, start: int, stop: int, stats: TokenStats) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(dL/dlogp, dL/dentropy)``, each ``[stop - start]`` or None for a term the loss does not have."""
@@ -276,23 +283,26 @@ class LogProbFunction(torch.autograd.Function):
 
 
 class SinglePassFunction(torch.autograd.Function):
-    """``(loss, logp [N], entropy [N]) = f(hidden, weight, bias, targets, call, objective)``: :func:`single_pass`
-    forward; backward scales the saved gradients by the incoming ``dL``."""
+    """``(loss, logp [N], entropy [N]) = f(hidden, weight, bias, targets, call, objective, *objective.inputs)``:
+    :func:`single_pass` forward; backward scales the saved gradients (and the objective's ``input_grads``) by the
+    incoming ``dL``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective):
+    def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective, *inputs):
         ctx.set_materialize_grads(False)
         loss, stats, ctx.acc = single_pass(hidden, weight, bias, targets, call, objective, ctx.needs_input_grad[:3])
+        ctx.input_grads = tuple(objective.input_grads) if inputs else ()
         ctx.mark_non_differentiable(stats.logp, stats.entropy)
         return loss, stats.logp, stats.entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
-            return (None,) * 6
+            return (None,) * (6 + len(ctx.input_grads))
         dx, dw, db = ctx.acc.results(scale=grad_loss)
-        ctx.acc = None
-        return dx, dw, db, None, None, None
+        inputs = tuple(None if g is None else g * grad_loss for g in ctx.input_grads)
+        ctx.acc = ctx.input_grads = None
+        return dx, dw, db, None, None, None, *inputs
 
 
 def logprobs(hidden, weight, bias, targets, call: ChunkedHead, strategy: str = "two_phase") -> TokenStats:

@@ -17,6 +17,7 @@ through :mod:`fused_gspo.rows`, so one text serves both layouts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
@@ -79,6 +80,19 @@ class PolicyBatch:
         selected._rows = rows.select(start, stop)
         selected.cu_seqlens = getattr(selected._rows, "cu_seqlens", None)
         return selected
+
+    def requiring_grad(self) -> tuple[str, ...]:
+        """The names of the tensors that require grad (the objective is differentiable in each, as in eager mode)."""
+        return tuple(
+            f.name for f in fields(self) if isinstance(x := getattr(self, f.name), torch.Tensor) and x.requires_grad
+        )
+
+    def replace(self, **tensors: torch.Tensor) -> PolicyBatch:
+        """The same batch with some tensors swapped for others of the same shapes (the per-row decision kept)."""
+        out = dataclasses.replace(self, **tensors, per_row=self.per_row)
+        if "mask" not in tensors:
+            out._rows = self._rows
+        return out
 
     def to(self, dtype: torch.dtype) -> PolicyBatch:
         """Floating tensors cast to ``dtype`` (the objective runs in float32, the reference in float64)."""

@@ -6,8 +6,9 @@ the planner's chunks, checks of values, the chunk loop itself) happens inside an
 through its fake (shape) implementation. Outside ``torch.compile`` nothing here is used.
 
 - ``fused_gspo::policy_loss``: the loss, the per-token log-probs and entropies, TRL's metrics as one tensor (in the
-  order of :func:`fused_gspo.objectives.metric_names`), and the gradients w.r.t. hidden, weight and bias for an
-  incoming gradient of 1, computed in the same call (the single pass forms them anyway; the two phases run their
+  order of :func:`fused_gspo.objectives.metric_names`), and the gradients w.r.t. hidden, weight and bias (and any
+  other float input that requires grad: advantages, old log-probs, ...) for an incoming gradient of 1, computed in
+  the same call (the single pass forms them anyway; the two phases run their
   recomputing pass there). Its backward multiplies them by the incoming gradient.
 - ``fused_gspo::logprobs`` / ``fused_gspo::logprobs_backward``: ``fused_logprobs``'s forward, and its backward, which
   recomputes the projection chunk by chunk.
@@ -74,6 +75,15 @@ def _autograd_inside():
 # The policy loss
 
 
+# policy_loss_op's inputs that may want a gradient, in the order of its ``needs`` and of its gradient outputs; the
+# position of each among the operator's arguments
+_GRAD_INPUTS = ("hidden", "weight", "bias", "advantages", "completion_mask", "old_logps", "ref_logps",
+                "sampling_logps", "importance_sampling_ratio")  # fmt: skip
+_ARG_POSITION = dict(hidden=0, weight=1, bias=2, advantages=4, completion_mask=5, old_logps=6, ref_logps=7,
+                     sampling_logps=8, importance_sampling_ratio=9)  # fmt: skip
+_NUM_ARGS = 15
+
+
 @torch.library.custom_op("fused_gspo::policy_loss", mutates_args=())
 def policy_loss_op(
     hidden: Tensor,
@@ -91,30 +101,28 @@ def policy_loss_op(
     config: str,
     backend: str,
     needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, logps, entropy, policy_loss, metrics, entropy_mask, d_hidden, d_weight, d_bias)``; a gradient not in
-    ``needs`` (hidden, weight, bias) is an empty tensor, and so is ``entropy_mask`` without an entropy quantile."""
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+]:  # fmt: skip
+    """``(loss, logps, entropy, policy_loss, metrics, entropy_mask, *grads)``, ``grads`` those of the inputs in
+    :data:`_GRAD_INPUTS` (the order of ``needs``); a gradient not in ``needs`` is an empty tensor, and so is
+    ``entropy_mask`` without an entropy quantile."""
     from .policy import compute_policy_loss  # noqa: PLC0415  (policy imports the API layer's helpers)
 
     cfg = _config(config)
-    wanted = [hidden, weight, bias]
+    wanted = [hidden, weight, bias, advantages, completion_mask, old_logps, ref_logps, sampling_logps,
+              importance_sampling_ratio]  # fmt: skip
     with _autograd_inside():
         leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(wanted, needs, strict=True)]
+        tensors = dict(zip(_GRAD_INPUTS, leaves, strict=True))
         out = compute_policy_loss(
-            leaves[0],
-            leaves[1],
-            completion_ids,
-            advantages,
-            completion_mask,
+            completion_ids=completion_ids,
             config=cfg,
-            old_logps=old_logps,
-            ref_logps=ref_logps,
-            sampling_logps=sampling_logps,
-            importance_sampling_ratio=importance_sampling_ratio,
             num_items_in_batch=num_items_in_batch,
-            bias=leaves[2],
             cu_seqlens=cu_seqlens,
             backend=backend,
+            **tensors,
         )
         grad_of = [leaf for leaf, n in zip(leaves, needs, strict=True) if leaf is not None and n]
         grads = list(torch.autograd.grad(out.loss, grad_of, allow_unused=True)) if grad_of else []
@@ -149,9 +157,14 @@ def _(hidden, weight, bias, completion_ids, advantages, completion_mask, *rest):
     entropy_mask = completion_mask.new_empty(
         completion_mask.shape if cfg.top_entropy_quantile < 1.0 else (0,), dtype=torch.bool
     )
+    args = dict(zip(("hidden", "weight", "bias", "completion_ids", "advantages", "completion_mask"),
+                    (hidden, weight, bias, completion_ids, advantages, completion_mask), strict=True))  # fmt: skip
+    args.update(zip(("old_logps", "ref_logps", "sampling_logps", "importance_sampling_ratio"), rest[:4], strict=True))
     grads = [
-        t.new_empty(t.shape) if (t is not None and n) else hidden.new_empty((0,), dtype=stats)
-        for t, n in zip((hidden, weight, bias), needs, strict=True)
+        args[name].new_empty(args[name].shape)
+        if (args[name] is not None and n)
+        else hidden.new_empty((0,), dtype=stats)
+        for name, n in zip(_GRAD_INPUTS, needs, strict=True)
     ]
     metrics = hidden.new_empty((len(metric_names(cfg)),), dtype=stats)
     return scalar, per_token, per_token.clone(), scalar.clone(), metrics, entropy_mask, *grads
@@ -164,8 +177,11 @@ def _policy_loss_setup(ctx, inputs, output):
 
 
 def _policy_loss_backward(ctx, grad_loss, *_):
-    grads = [g * grad_loss if n else None for g, n in zip(ctx.saved_tensors, ctx.needs, strict=True)]
-    return (grads[0], grads[1], grads[2]) + (None,) * 12
+    grads = [None] * _NUM_ARGS
+    for name, g, n in zip(_GRAD_INPUTS, ctx.saved_tensors, ctx.needs, strict=True):
+        if n:
+            grads[_ARG_POSITION[name]] = g * grad_loss
+    return tuple(grads)
 
 
 policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
@@ -318,7 +334,8 @@ def policy_loss_call(
     if num_items is not None and not isinstance(num_items, Tensor):
         num_items = torch.tensor(float(num_items), device=hidden.device)
     grad_on = torch.is_grad_enabled()
-    needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    wanted = (hidden, weight, bias, advantages, completion_mask, *(optional.get(k) for k in _GRAD_INPUTS[5:]))
+    needs = [grad_on and t is not None and t.requires_grad for t in wanted]
     loss, logps, entropy, policy_loss, metrics, entropy_mask, *_ = policy_loss_op(
         hidden,
         weight,
