@@ -173,7 +173,7 @@ def test_opcheck_policy_loss(needs):
     config = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence_token")
     x, weight, _, rest = _inputs(seed=4)
     args = (x, weight.detach(), None, rest["completion_ids"], rest["advantages"], rest["completion_mask"],
-            rest["old_logps"], None, None, None, None, None, ops.config_key(config), "torch", needs)  # fmt: skip
+            rest["old_logps"], None, None, None, None, None, *ops.config_args(config), "torch", needs)  # fmt: skip
     torch.library.opcheck(ops.policy_loss_op, args)
 
 
@@ -182,14 +182,69 @@ def test_opcheck_logprobs():
     ids = rest["completion_ids"].reshape(-1)
     h = x.reshape(-1, x.shape[-1])
     head = HeadParams(temperature=0.8, softcap=4.0)
-    args = (h, weight.detach(), bias.detach(), ids, head.temperature, head.logit_scale, head.softcap, "torch", "auto",
+    args = (h, weight.detach(), bias.detach(), ids, head.temperature, head.logit_scale, head.softcap, "torch", 0,
             [True, True, True])  # fmt: skip
     torch.library.opcheck(ops.logprobs_op, args)
 
 
-def test_config_round_trips_through_the_operator_key():
-    config = PolicyLossConfig(loss_type="vespo", epsilon_high=0.3, delta=None, workspace_bytes=1 << 20, beta=0.1)
-    assert ops._config(ops.config_key(config)) == config
+def test_config_round_trips_through_the_operator_arguments():
+    for config in (
+        PolicyLossConfig(loss_type="vespo", epsilon_high=0.3, delta=None, workspace_bytes=1 << 20, beta=0.1),
+        PolicyLossConfig(loss_type="dr_grpo", epsilon=0.1 + 0.2, max_completion_length=None, steps_per_generation=4,
+                         top_entropy_quantile=0.7, gradient_accumulation_steps=2, entropy_coef=1e-3),
+    ):  # fmt: skip
+        key, numbers = ops.config_args(config)
+        back = ops._config(key, numbers)
+        assert back == config
+        assert all(type(getattr(back, f)) is type(getattr(config, f)) for f in ops._FIELDS)  # ints stay ints
+        assert ops._key_shapes(key) == (fused_gspo.objectives.metric_names(config), config.top_entropy_quantile < 1)
+
+
+# A config passed to the compiled step as an argument: a new one recompiles, and a number that changed is traced as a
+# symbol from then on (with dynamic=True from the first call), which the operator takes as a tensor (issue 23: a
+# second config crashed, "repr_impl not implemented"); each call equals eager mode
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_step_takes_new_configs(dynamic):
+    x, weight, bias, rest = _inputs(seed=8, with_ref=True)
+    model = _model(x.shape[-1])
+
+    def step(x, config, completion_ids, advantages, completion_mask, **optional):
+        out = fused_gspo.fused_policy_loss(model(x), weight, completion_ids, advantages, completion_mask,
+                                           config=config, backend="torch", **optional)  # fmt: skip
+        return out.loss, out.metrics
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    configs = [
+        PolicyLossConfig(loss_type="dr_grpo", epsilon=0.2, max_completion_length=6),
+        PolicyLossConfig(loss_type="dr_grpo", epsilon=0.3, max_completion_length=6),  # a float changes
+        PolicyLossConfig(loss_type="dr_grpo", epsilon=0.25, beta=0.04, max_completion_length=8),  # more, and an int
+        PolicyLossConfig(loss_type="dr_grpo", epsilon=0.25, beta=0.04, max_completion_length=8, entropy_coef=0.1),
+    ]
+    for config in configs:
+        loss, metrics = compiled(x, config, **rest)
+        ref_loss, ref_metrics = step(x, config, **rest)
+        assert rel_err(loss, ref_loss) < 1e-6 and metrics.keys() == ref_metrics.keys()
+        assert all(abs(float(metrics[k]) - float(ref_metrics[k])) < 1e-6 for k in metrics)
+        grads, ref_grads = _grads(loss, model, weight, None), _grads(ref_loss, model, weight, None)
+        assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads, strict=True))
+
+
+# fused_logprobs with its default arguments, and with a temperature and a budget, under dynamic=True: every float is
+# symbolic from the first call (issue 23: the config's checks called math.isfinite on one)
+def test_compiled_fused_logprobs_with_dynamic_numbers():
+    x, weight, _, rest = _inputs(seed=9)
+    ids = rest["completion_ids"]
+
+    def step(x, ids, temperature=None, workspace_bytes=None):
+        options = {} if temperature is None else dict(temperature=temperature, workspace_bytes=workspace_bytes)
+        return fused_gspo.fused_logprobs(x, weight, ids, backend="torch", **options)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for args in ((), (0.7, 29 * 4 * 9), (1.3, 29 * 4 * 15)):
+        logp = compiled(x, ids, *args)
+        ref = step(x, ids, *args)
+        assert rel_err(logp, ref) < 1e-6
+        assert rel_err(torch.autograd.grad(logp.sum(), weight)[0], torch.autograd.grad(ref.sum(), weight)[0]) < 1e-5
 
 
 # the objective's own inputs that require grad (advantages, old log-probs, the vLLM ratio) get the eager gradient

@@ -41,17 +41,50 @@ from .validation import validate_logprob_inputs
 _FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
 
 
-def config_key(config: PolicyLossConfig) -> str:
-    """A :class:`PolicyLossConfig` as the string an operator takes: the ``repr`` of its field values in order, which
-    ``torch.compile`` can build while tracing (``json`` it cannot)."""
-    return repr(tuple(getattr(config, name) for name in _FIELDS))
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+
+
+def config_args(config: PolicyLossConfig) -> tuple[str, Tensor]:
+    """A :class:`PolicyLossConfig` as two operator arguments: a key and its numbers.
+
+    Under ``torch.compile`` a number of the config may be symbolic (a field that changed between calls is recompiled
+    as a symbol; with ``dynamic=True`` from the first call): text cannot hold it, a tensor can. So the numbers go in a
+    float64 CPU tensor (exact for every float, and for ints below 2**53), and the key is the ``repr`` (which
+    ``torch.compile`` can build while tracing; ``json`` it cannot) of the other fields, the kind of each number, and
+    what the operator's fake implementation needs before any data: the metric names and whether there is an entropy
+    mask (decided here, where a symbolic comparison becomes a guard)."""
+    values = [getattr(config, name) for name in _FIELDS]
+    kinds = tuple(("i" if isinstance(v, (int, torch.SymInt)) else "f") if _is_number(v) else None for v in values)
+    fixed = tuple(None if kind else v for v, kind in zip(values, kinds, strict=True))
+    numbers = [v for v, kind in zip(values, kinds, strict=True) if kind]
+    entropy_mask = True if config.top_entropy_quantile < 1.0 else False  # noqa: SIM210  (a guard, not a symbol)
+    key = repr((fixed, kinds, metric_names(config), entropy_mask))
+    return key, torch.tensor(numbers, dtype=torch.float64)
+
+
+def _config(key: str, numbers: Tensor) -> PolicyLossConfig:
+    return _config_of(key, tuple(numbers.tolist()))
 
 
 @functools.lru_cache(maxsize=256)
-def _config(key: str) -> PolicyLossConfig:
+def _config_of(key: str, numbers: tuple[float, ...]) -> PolicyLossConfig:
+    fixed, kinds, _, _ = ast.literal_eval(key)
+    values = iter(numbers)
+    fields = {
+        name: value if kind is None else (int(next(values)) if kind == "i" else next(values))
+        for name, value, kind in zip(_FIELDS, fixed, kinds, strict=True)
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the caller's own config already warned
-        return PolicyLossConfig(**dict(zip(_FIELDS, ast.literal_eval(key), strict=True)))
+        return PolicyLossConfig(**fields)
+
+
+@functools.lru_cache(maxsize=256)
+def _key_shapes(key: str) -> tuple[tuple[str, ...], bool]:
+    """The metric names and whether there is an entropy mask, from a key alone (the fake implementation)."""
+    _, _, names, entropy_mask = ast.literal_eval(key)
+    return names, entropy_mask
 
 
 def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -81,7 +114,7 @@ _GRAD_INPUTS = ("hidden", "weight", "bias", "advantages", "completion_mask", "ol
                 "sampling_logps", "importance_sampling_ratio")  # fmt: skip
 _ARG_POSITION = dict(hidden=0, weight=1, bias=2, advantages=4, completion_mask=5, old_logps=6, ref_logps=7,
                      sampling_logps=8, importance_sampling_ratio=9)  # fmt: skip
-_NUM_ARGS = 15
+_NUM_ARGS = 16
 
 
 @torch.library.custom_op("fused_gspo::policy_loss", mutates_args=())
@@ -99,6 +132,7 @@ def policy_loss_op(
     num_items_in_batch: Tensor | None,
     cu_seqlens: Tensor | None,
     config: str,
+    config_numbers: Tensor,
     backend: str,
     needs: list[bool],
 ) -> tuple[
@@ -107,10 +141,10 @@ def policy_loss_op(
 ]:  # fmt: skip
     """``(loss, logps, entropy, policy_loss, metrics, entropy_mask, *grads)``, ``grads`` those of the inputs in
     :data:`_GRAD_INPUTS` (the order of ``needs``); a gradient not in ``needs`` is an empty tensor, and so is
-    ``entropy_mask`` without an entropy quantile."""
+    ``entropy_mask`` without an entropy quantile. ``config`` / ``config_numbers``: :func:`config_args`."""
     from .policy import compute_policy_loss  # noqa: PLC0415  (policy imports the API layer's helpers)
 
-    cfg = _config(config)
+    cfg = _config(config, config_numbers)
     wanted = [hidden, weight, bias, advantages, completion_mask, old_logps, ref_logps, sampling_logps,
               importance_sampling_ratio]  # fmt: skip
     with _autograd_inside():
@@ -134,7 +168,7 @@ def policy_loss_op(
             continue
         grad = grads.pop(0)
         results.append(torch.zeros_like(t) if grad is None else grad)
-    metrics = torch.stack([out.metrics[name].to(stats) for name in metric_names(cfg)])
+    metrics = torch.stack([out.metrics[name].to(stats) for name in _key_shapes(config)[0]])
     entropy_mask = out.entropy_mask if out.entropy_mask is not None else _empty(completion_mask, torch.bool)
     return (
         out.loss.detach().to(stats).clone(),  # scalars: the loss may be the policy term itself (dapo)
@@ -149,14 +183,12 @@ def policy_loss_op(
 
 @policy_loss_op.register_fake
 def _(hidden, weight, bias, completion_ids, advantages, completion_mask, *rest):
-    config, needs = rest[-3], rest[-1]
+    config, needs = rest[-4], rest[-1]
     stats = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     scalar = hidden.new_empty((), dtype=stats)
     per_token = completion_mask.new_empty(completion_mask.shape, dtype=stats)
-    cfg = _config(config)
-    entropy_mask = completion_mask.new_empty(
-        completion_mask.shape if cfg.top_entropy_quantile < 1.0 else (0,), dtype=torch.bool
-    )
+    names, has_entropy_mask = _key_shapes(config)
+    entropy_mask = completion_mask.new_empty(completion_mask.shape if has_entropy_mask else (0,), dtype=torch.bool)
     args = dict(zip(("hidden", "weight", "bias", "completion_ids", "advantages", "completion_mask"),
                     (hidden, weight, bias, completion_ids, advantages, completion_mask), strict=True))  # fmt: skip
     args.update(zip(("old_logps", "ref_logps", "sampling_logps", "importance_sampling_ratio"), rest[:4], strict=True))
@@ -166,7 +198,7 @@ def _(hidden, weight, bias, completion_ids, advantages, completion_mask, *rest):
         else hidden.new_empty((0,), dtype=stats)
         for name, n in zip(_GRAD_INPUTS, needs, strict=True)
     ]
-    metrics = hidden.new_empty((len(metric_names(cfg)),), dtype=stats)
+    metrics = hidden.new_empty((len(names),), dtype=stats)
     return scalar, per_token, per_token.clone(), scalar.clone(), metrics, entropy_mask, *grads
 
 
@@ -191,6 +223,10 @@ policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_lo
 # Log-probs
 
 
+# the ``workspace`` argument of the log-prob operators for ``workspace_bytes="auto"`` (a budget is >= 1 byte)
+_AUTO_WORKSPACE = 0
+
+
 def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs):
     ops = tile_ops_for(backend)
     plan = plan_call(
@@ -198,7 +234,7 @@ def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend,
         weight,
         bias,
         ops,
-        workspace_bytes=workspace if workspace == "auto" else int(workspace),
+        workspace_bytes="auto" if workspace == _AUTO_WORKSPACE else workspace,
         coupling="global",
         row_counts=None,
         mode=mode,
@@ -219,7 +255,7 @@ def logprobs_op(
     logit_scale: float,
     softcap: float | None,
     backend: str,
-    workspace: str,
+    workspace: int,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(logp, entropy, lse)`` ``[N]`` of ``targets`` (``hidden [N, H]``), for a backward that recomputes."""
@@ -261,7 +297,7 @@ def logprobs_backward_op(
     logit_scale: float,
     softcap: float | None,
     backend: str,
-    workspace: str,
+    workspace: int,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_hidden, d_weight, d_bias)`` of ``fused_gspo::logprobs`` (empty where not in ``needs``)."""
@@ -349,7 +385,7 @@ def policy_loss_call(
         optional.get("importance_sampling_ratio"),
         num_items,
         optional.get("cu_seqlens"),
-        config_key(config),
+        *config_args(config),
         resolve_backend(backend, hidden.device),
         needs,
     )
@@ -377,7 +413,8 @@ def logprobs_call(hidden, weight, targets, bias, head: HeadParams, backend: str,
         float(head.logit_scale),
         None if head.softcap is None else float(head.softcap),
         resolve_backend(backend, hidden.device),
-        str(workspace_bytes),
+        # an int argument, which may be symbolic under torch.compile (dynamic=True), as text cannot
+        _AUTO_WORKSPACE if isinstance(workspace_bytes, str) else workspace_bytes,
         needs,
     )
     return logp, entropy
