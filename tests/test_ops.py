@@ -1,9 +1,11 @@
 """``torch.compile``: the custom operators, a training step compiled whole (``fullgraph=True``) equal to eager, and
 no recompilation when the data or (marked dynamic) the shapes change."""
 
+import itertools
+
 import pytest
 import torch
-from conftest import draw_problem, rel_err
+from conftest import draw_packed_problem, draw_problem, rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fused_gspo
@@ -173,7 +175,8 @@ def test_opcheck_policy_loss(needs):
     config = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence_token")
     x, weight, _, rest = _inputs(seed=4)
     args = (x, weight.detach(), None, rest["completion_ids"], rest["advantages"], rest["completion_mask"],
-            rest["old_logps"], None, None, None, None, None, *ops.config_args(config), "torch", needs)  # fmt: skip
+            rest["old_logps"], None, None, None, None, None, None, *ops.config_args(config), "torch",
+            needs)  # fmt: skip
     torch.library.opcheck(ops.policy_loss_op, args)
 
 
@@ -262,3 +265,42 @@ def test_compiled_step_gives_the_objective_s_inputs_their_gradient(top_entropy_q
     assert rel_err(loss, ref_loss) < 1e-6
     grads, ref_grads = torch.autograd.grad(1.5 * loss, leaves), torch.autograd.grad(1.5 * ref_loss, leaves)
     assert all(float(r.norm()) > 0 and rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads, strict=True))
+
+
+# position_ids under fullgraph=True: the sequences they mark are data, found inside the operator (issue 23: a guard
+# on int(starts[0]) broke the graph); new boundaries recompile only for the per-sequence advantages' new shape, once
+def test_compiled_step_takes_position_ids():
+    packed, _, _ = draw_packed_problem([2, 3, 1, 4], 8, 29, seed=10, off_policy=True)
+    x = packed.pop("hidden").float()
+    weight = packed.pop("weight").float().requires_grad_()
+    cu = packed.pop("cu_seqlens")
+    rest = {k: (v.float() if v.dtype == torch.float64 else v) for k, v in packed.items()}
+    model = _model(x.shape[-1])
+    config = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", workspace_bytes=29 * 4 * 3 * 4)
+
+    def step(x, completion_ids, advantages, completion_mask, old_logps, position_ids=None, cu_seqlens=None):
+        out = fused_gspo.fused_policy_loss(
+            model(x), weight, completion_ids, advantages, completion_mask, old_logps=old_logps, config=config,
+            position_ids=position_ids, cu_seqlens=cu_seqlens, backend="torch",
+        )  # fmt: skip
+        return out.loss, out.logps
+
+    def position_ids_of(cu):
+        return torch.cat([torch.arange(int(b - a)) for a, b in itertools.pairwise(cu.tolist())])
+
+    explanation = torch._dynamo.explain(step)(x, **rest, position_ids=position_ids_of(cu))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    # the same positions cut into other sequences (no empty one: position ids cannot mark those), per-sequence
+    # advantages of the new count
+    for cut in (cu, torch.tensor([0, 4, 5, 10]), torch.tensor([0, 7, 10])):
+        inputs = dict(rest, advantages=torch.randn(len(cut) - 1, generator=torch.Generator().manual_seed(len(cut))))
+        loss, logps = compiled(x, **inputs, position_ids=position_ids_of(cut))
+        ref_loss, ref_logps = step(x, **inputs, cu_seqlens=cut)
+        assert rel_err(loss, ref_loss) < 1e-6 and rel_err(logps, ref_logps) < 1e-6
+        grads, ref_grads = _grads(loss, model, weight, None), _grads(ref_loss, model, weight, None)
+        assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads, strict=True))
+    assert counter.frame_count == 2  # [S] advantages: S = 4, then a dynamic S
+    with pytest.raises(ValueError, match="position_ids must start a sequence"):
+        compiled(x, **inputs, position_ids=position_ids_of(cut) + 1)

@@ -35,6 +35,7 @@ from .config import PolicyLossConfig
 from .head import HeadParams, full_logprobs
 from .objectives import metric_names
 from .plan.runtime import plan_call
+from .rows import cu_seqlens_from_position_ids
 from .tile_ops import stats_dtype_for
 from .validation import validate_logprob_inputs
 
@@ -114,7 +115,7 @@ _GRAD_INPUTS = ("hidden", "weight", "bias", "advantages", "completion_mask", "ol
                 "sampling_logps", "importance_sampling_ratio")  # fmt: skip
 _ARG_POSITION = dict(hidden=0, weight=1, bias=2, advantages=4, completion_mask=5, old_logps=6, ref_logps=7,
                      sampling_logps=8, importance_sampling_ratio=9)  # fmt: skip
-_NUM_ARGS = 16
+_NUM_ARGS = 17
 
 
 @torch.library.custom_op("fused_gspo::policy_loss", mutates_args=())
@@ -131,6 +132,7 @@ def policy_loss_op(
     importance_sampling_ratio: Tensor | None,
     num_items_in_batch: Tensor | None,
     cu_seqlens: Tensor | None,
+    position_ids: Tensor | None,
     config: str,
     config_numbers: Tensor,
     backend: str,
@@ -141,10 +143,13 @@ def policy_loss_op(
 ]:  # fmt: skip
     """``(loss, logps, entropy, policy_loss, metrics, entropy_mask, *grads)``, ``grads`` those of the inputs in
     :data:`_GRAD_INPUTS` (the order of ``needs``); a gradient not in ``needs`` is an empty tensor, and so is
-    ``entropy_mask`` without an entropy quantile. ``config`` / ``config_numbers``: :func:`config_args`."""
+    ``entropy_mask`` without an entropy quantile. ``config`` / ``config_numbers``: :func:`config_args`.
+    ``position_ids``: the packed layout's, instead of ``cu_seqlens`` (the sequences they mark are found here)."""
     from .policy import compute_policy_loss  # noqa: PLC0415  (policy imports the API layer's helpers)
 
     cfg = _config(config, config_numbers)
+    if position_ids is not None:
+        cu_seqlens = cu_seqlens_from_position_ids(position_ids)
     wanted = [hidden, weight, bias, advantages, completion_mask, old_logps, ref_logps, sampling_logps,
               importance_sampling_ratio]  # fmt: skip
     with _autograd_inside():
@@ -385,6 +390,7 @@ def policy_loss_call(
         optional.get("importance_sampling_ratio"),
         num_items,
         optional.get("cu_seqlens"),
+        optional.get("position_ids"),
         *config_args(config),
         resolve_backend(backend, hidden.device),
         needs,
