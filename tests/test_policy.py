@@ -192,16 +192,7 @@ _SOME_LENGTHS = st.lists(st.sampled_from([0, 1, 1, 2, 3, 5]), max_size=3)
 packed_lengths = st.tuples(_SOME_LENGTHS, _SHAPE_TRAP, _SOME_LENGTHS).map(lambda parts: [n for p in parts for n in p])
 
 
-# Packed batches with empty and one-token sequences, per-token and per-sequence inputs, any objective, any budget:
-# float64 is the padded reference to its rounding on both chunked backends (the Triton backend's float64 chunks go
-# to the PyTorch tile ops, under its own planning); float32 runs the Triton kernels. 60 examples (a few seconds):
-# about one in ten draws lands a chunk on the shape trap with an input it would misread
-@pytest.mark.parametrize(
-    "backend,dtype,tol",
-    [("torch", torch.float64, 1e-12), ("triton", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)],
-)
-@settings(max_examples=max(60, settings().max_examples))
-@given(
+_PACKED_DRAWS = dict(
     objective=objectives(),
     lengths=packed_lengths,
     holes=st.booleans(),
@@ -209,9 +200,9 @@ packed_lengths = st.tuples(_SOME_LENGTHS, _SHAPE_TRAP, _SOME_LENGTHS).map(lambda
     sequence_old_logps=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_packed_batches_with_empty_sequences_equal_the_padded_reference(
-    backend, dtype, tol, objective, lengths, holes, tokens_per_chunk, sequence_old_logps, seed
-):
+
+
+def _packed_equals_padded(backend, dtype, tol, objective, lengths, holes, tokens_per_chunk, sequence_old_logps, seed):
     cfg, opts = objective
     assume(len(lengths) != sum(lengths))  # as many sequences as positions: refused (tests/test_api.py)
     sequence_old_logps = sequence_old_logps and cfg["loss_type"] == "rloo" and opts["off_policy"]
@@ -220,6 +211,23 @@ def test_packed_batches_with_empty_sequences_equal_the_padded_reference(
     )
     cfg = {**cfg, "max_completion_length": keep.shape[1]}  # dr_grpo's normalizer, which a packed batch cannot infer
     _assert_packed_equals_padded(packed, padded, keep, backend, dtype, tol, cfg, tokens_per_chunk)
+
+
+# Packed batches with empty and one-token sequences, per-token and per-sequence inputs, any objective, any budget:
+# the padded reference to float64 rounding on both chunked backends (the Triton backend's float64 chunks go to the
+# PyTorch tile ops, under its own planning). 60 examples (a few seconds): about one draw in ten lands a chunk on the
+# shape trap with an input it would misread
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@settings(max_examples=max(60, settings().max_examples))
+@given(**_PACKED_DRAWS)
+def test_packed_batches_with_empty_sequences_equal_the_padded_reference(backend, **draws):
+    _packed_equals_padded(backend, torch.float64, 1e-12, **draws)
+
+
+# the same in float32 through the Triton kernels (interpreted: the default number of examples)
+@given(**_PACKED_DRAWS)
+def test_packed_batches_with_empty_sequences_through_the_triton_kernels(**draws):
+    _packed_equals_padded("triton", torch.float32, 1e-5, **draws)
 
 
 # Every tensor input that may carry a gradient: the head's, and the objective's own when they require grad
