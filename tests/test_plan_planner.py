@@ -142,8 +142,11 @@ def test_bad_plans_are_refused():
         _choose(problem, "sequence", None, 1 << 20, get_profile("h100"))
     with pytest.raises(ValueError, match="coupling"):
         _choose(problem, "chunk", None, 1 << 20, get_profile("h100"))
-    # the fused no-grad kernel needs no workspace, so any budget will do
-    assert _choose(problem, "global", None, 1, get_profile("h100"), "logprobs").strategy == "fused"
+    # the no-grad pass scores through the staged tile like the training pass (its log-probs must be the same bits),
+    # so it needs a row's workspace too
+    with pytest.raises(ValueError, match="cannot hold one token"):
+        _choose(problem, "global", None, 1, get_profile("h100"), "logprobs")
+    assert _choose(problem, "global", None, 1 << 20, get_profile("h100"), "logprobs").strategy == "two_phase"
 
 
 REFERENCE = Problem(8192, 4096, 151936, torch.bfloat16)

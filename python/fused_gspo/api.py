@@ -10,7 +10,7 @@ from .backends import BACKENDS, resolve_backend, tile_ops_for
 from .chunked import ChunkedHead, logprobs, weight_gather
 from .config import PolicyLossConfig, validate_workspace_bytes
 from .head import HeadParams, full_logprobs
-from .plan.runtime import plan_call
+from .plan.runtime import plan_call, run_planned
 from .policy import PolicyLossOutput, compute_policy_loss
 from .rows import cu_seqlens_from_position_ids
 from .validation import validate_logprob_inputs, validate_policy_inputs
@@ -158,6 +158,7 @@ def fused_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     workspace_bytes: int | str = "auto",
+    logits_dtype: str | torch.dtype = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Differentiable log-probs of ``targets`` under ``softmax(head(hidden @ weight.T + bias))``, never holding
     the logits.
@@ -167,6 +168,9 @@ def fused_logprobs(
     Returns float32 log-probs shaped like ``targets`` (and the entropy, same shape, with ``return_entropy=True``);
     float64 inputs give float64. Gradients flow to ``hidden``, ``weight`` and ``bias`` from both outputs.
     ``workspace_bytes``: the chunked backends' scratch budget (``"auto"``: see ``docs/design.md``).
+    ``logits_dtype``: ``"auto"`` stages each chunk's logits in the GEMMs' dtype when it is 16-bit, as TRL does;
+    ``"float32"`` (or ``torch.float32``) keeps them in fp32 (:mod:`fused_gspo.precision`). Under ``torch.autocast``
+    the GEMMs run in the autocast dtype; the gradients come back in each input's own dtype.
     """
     if isinstance(weight, nn.Module):
         head_module = weight
@@ -176,7 +180,7 @@ def fused_logprobs(
             flat = fused_logprobs(
                 hidden_.reshape(-1, hidden_.shape[-1]), head_weight, targets.reshape(-1), bias=head_bias,
                 temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
-                return_entropy=True, backend=backend, workspace_bytes=workspace_bytes,
+                return_entropy=True, backend=backend, workspace_bytes=workspace_bytes, logits_dtype=logits_dtype,
             )  # fmt: skip
             # module hooks warn about views (not traced: dynamo has no _is_view)
             return flat if torch.compiler.is_compiling() else tuple(t.clone() if t._is_view() else t for t in flat)
@@ -184,7 +188,12 @@ def fused_logprobs(
         logp, entropy = (t.view(targets.shape) for t in _through_module(head_module, forward, hidden))
         return (logp, entropy) if return_entropy else logp
     # Validated through the config so the head options get the same checks as in the loss
-    PolicyLossConfig(temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping)
+    logits_dtype = PolicyLossConfig(
+        temperature=temperature,
+        logit_scale=logit_scale,
+        final_logit_softcapping=final_logit_softcapping,
+        logits_dtype=logits_dtype,
+    ).logits_dtype
     validate_workspace_bytes(workspace_bytes)
     compiling = torch.compiler.is_compiling()
     validate_logprob_inputs(hidden=hidden, weight=weight, targets=targets, bias=bias, values=not compiling)
@@ -194,7 +203,9 @@ def fused_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
     if compiling:  # one custom operator for the compiler (the token ids are checked inside it)
-        logp, entropy = ops.logprobs_call(flat_hidden, weight, flat_targets, bias, head, backend, workspace_bytes)
+        logp, entropy = ops.logprobs_call(
+            flat_hidden, weight, flat_targets, bias, head, backend, workspace_bytes, logits_dtype
+        )
     elif backend == "eager":
         logp, entropy = full_logprobs(flat_hidden, weight, bias, flat_targets, head)
     else:
@@ -202,19 +213,26 @@ def fused_logprobs(
         grad_possible = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias)
         )
-        plan = plan_call(
-            flat_hidden,
-            weight,
-            bias,
-            tile_ops,
-            workspace_bytes=workspace_bytes,
-            coupling="global",
-            row_counts=None,
-            mode="fwd_bwd" if grad_possible else "logprobs",
-            softcap=final_logit_softcapping is not None,
-        )
-        call = ChunkedHead(head, tile_ops, tuple(plan.bounds), weight_gather.get())
-        stats = logprobs(flat_hidden, weight, bias, flat_targets, call, plan.strategy)
+
+        def plan_for(budget):
+            return plan_call(
+                flat_hidden,
+                weight,
+                bias,
+                tile_ops,
+                workspace_bytes=budget,
+                coupling="global",
+                row_counts=None,
+                mode="fwd_bwd" if grad_possible else "logprobs",
+                softcap=final_logit_softcapping is not None,
+                logits_dtype=logits_dtype,
+            )
+
+        def run(plan):
+            call = ChunkedHead(head, tile_ops, tuple(plan.bounds), weight_gather.get(), fmt=plan.fmt)
+            return logprobs(flat_hidden, weight, bias, flat_targets, call, plan.strategy)
+
+        stats = run_planned(run, plan_for(workspace_bytes), plan_for, flat_hidden.device)
         logp, entropy = stats.logp, stats.entropy
     logp, entropy = logp.view(shape), entropy.view(shape)
     return (logp, entropy) if return_entropy else logp
@@ -280,6 +298,7 @@ def fused_preference_loss(
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
     workspace_bytes: int | str = "auto",
+    logits_dtype: str | torch.dtype = "auto",
     config=None,
     backend: str = "auto",
     **config_overrides,
@@ -300,6 +319,7 @@ def fused_preference_loss(
         position_hidden: CPO's ``logits/*`` metrics average the logits at every position of the input:
             ``[2B, P, H]`` hidden states of all of them (default: ``hidden`` when it is ``[2B, T, H]``).
         temperature / logit_scale / final_logit_softcapping: the head transform, as in :func:`fused_logprobs`.
+        workspace_bytes / logits_dtype: the chunked backends' budget and logits staging, as in :func:`fused_logprobs`.
         config / config_overrides: a :class:`fused_gspo.preference.DPOLossConfig` (the default) or
             :class:`~fused_gspo.preference.CPOLossConfig`, and/or its fields as keywords.
 
@@ -310,7 +330,12 @@ def fused_preference_loss(
     from .preference.head import compute_preference_loss  # noqa: PLC0415
 
     config = _resolve_preference_config(config, config_overrides)
-    PolicyLossConfig(temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping)
+    logits_dtype = PolicyLossConfig(
+        temperature=temperature,
+        logit_scale=logit_scale,
+        final_logit_softcapping=final_logit_softcapping,
+        logits_dtype=logits_dtype,
+    ).logits_dtype
     validate_workspace_bytes(workspace_bytes)
     options = dict(
         ref_chosen_logps=ref_chosen_logps,
@@ -320,6 +345,7 @@ def fused_preference_loss(
         position_hidden=position_hidden,
         head=HeadParams(temperature, logit_scale, final_logit_softcapping),
         workspace_bytes=workspace_bytes,
+        logits_dtype=logits_dtype,
         config=config,
         backend=backend,
     )
@@ -351,6 +377,7 @@ def preference_reference_logps(
     final_logit_softcapping: float | None = None,
     backend: str = "auto",
     workspace_bytes: int | str = "auto",
+    logits_dtype: str | torch.dtype = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ref_chosen_logps, ref_rejected_logps)`` ``[B]``: the reference model's sequence log-probs as
     ``DPOTrainer`` reduces them (``ld_alpha``: LD-DPO's shared/tail form), from its hidden states ``[2B, T, H]`` (or
@@ -362,7 +389,7 @@ def preference_reference_logps(
         logp = fused_logprobs(
             hidden[valid] if hidden.dim() == 3 else hidden, weight, completion_ids[valid], bias=bias,
             temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
-            backend=backend, workspace_bytes=workspace_bytes,
+            backend=backend, workspace_bytes=workspace_bytes, logits_dtype=logits_dtype,
         )  # fmt: skip
         per_token = torch.zeros(valid.shape, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)
     return reference_logps(per_token, completion_mask, ld_alpha)
@@ -379,7 +406,7 @@ class FusedPreferenceLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        head_keys = ("temperature", "logit_scale", "final_logit_softcapping", "workspace_bytes")
+        head_keys = ("temperature", "logit_scale", "final_logit_softcapping", "workspace_bytes", "logits_dtype")
         self.head_options = {k: options.pop(k) for k in head_keys if k in options}
         self.config = _resolve_preference_config(config, options)
         self.backend = backend

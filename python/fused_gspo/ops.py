@@ -34,6 +34,7 @@ from .config import PolicyLossConfig
 from .head import HeadParams, full_logprobs
 from .objectives import metric_names
 from .plan.runtime import plan_call
+from .precision import compute_dtype
 from .tile_ops import stats_dtype_for
 from .validation import validate_logprob_inputs
 
@@ -91,6 +92,7 @@ def policy_loss_op(
     config: str,
     backend: str,
     needs: list[bool],
+    compute_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, logps, entropy, policy_loss, metrics, entropy_mask, d_hidden, d_weight, d_bias)``; a gradient not in
     ``needs`` (hidden, weight, bias) is an empty tensor, and so is ``entropy_mask`` without an entropy quantile."""
@@ -115,6 +117,7 @@ def policy_loss_op(
             bias=leaves[2],
             cu_seqlens=cu_seqlens,
             backend=backend,
+            compute_dtype=compute_dtype,
         )
         grad_of = [leaf for leaf, n in zip(leaves, needs, strict=True) if leaf is not None and n]
         grads = list(torch.autograd.grad(out.loss, grad_of, allow_unused=True)) if grad_of else []
@@ -141,7 +144,7 @@ def policy_loss_op(
 
 @policy_loss_op.register_fake
 def _(hidden, weight, bias, completion_ids, advantages, completion_mask, *rest):
-    config, needs = rest[-3], rest[-1]
+    config, needs = rest[-4], rest[-2]
     stats = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     scalar = hidden.new_empty((), dtype=stats)
     per_token = completion_mask.new_empty(completion_mask.shape, dtype=stats)
@@ -158,14 +161,14 @@ def _(hidden, weight, bias, completion_ids, advantages, completion_mask, *rest):
 
 
 def _policy_loss_setup(ctx, inputs, output):
-    ctx.needs = inputs[-1]
+    ctx.needs = inputs[-2]
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[6:])
 
 
 def _policy_loss_backward(ctx, grad_loss, *_):
     grads = [g * grad_loss if n else None for g, n in zip(ctx.saved_tensors, ctx.needs, strict=True)]
-    return (grads[0], grads[1], grads[2]) + (None,) * 12
+    return (grads[0], grads[1], grads[2]) + (None,) * 13
 
 
 policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
@@ -175,7 +178,8 @@ policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_lo
 # Log-probs
 
 
-def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs):
+def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs, precision):
+    """The chunked head's call for these options; ``precision``: ``(compute_dtype, logits_dtype)``."""
     ops = tile_ops_for(backend)
     plan = plan_call(
         hidden,
@@ -188,9 +192,11 @@ def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend,
         mode=mode,
         softcap=softcap is not None,
         needs=tuple(needs),
+        compute_dtype=precision[0],
+        logits_dtype=precision[1],
     )
     head = HeadParams(temperature, logit_scale, softcap)
-    return ChunkedHead(head, ops, tuple(plan.bounds)), plan.strategy
+    return ChunkedHead(head, ops, tuple(plan.bounds), fmt=plan.fmt), plan.strategy
 
 
 @torch.library.custom_op("fused_gspo::logprobs", mutates_args=())
@@ -205,16 +211,20 @@ def logprobs_op(
     backend: str,
     workspace: str,
     needs: list[bool],
+    compute_dtype: torch.dtype,
+    logits_dtype: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(logp, entropy, lse)`` ``[N]`` of ``targets`` (``hidden [N, H]``), for a backward that recomputes."""
     validate_logprob_inputs(hidden=hidden, weight=weight, targets=targets, bias=bias)
     if backend == "eager":
-        logp, entropy = full_logprobs(hidden, weight, bias, targets, HeadParams(temperature, logit_scale, softcap))
+        head = HeadParams(temperature, logit_scale, softcap)
+        logp, entropy = full_logprobs(hidden, weight, bias, targets, head, compute_dtype)
         return logp, entropy, torch.zeros_like(logp)
     mode = "fwd_bwd" if any(needs) else "logprobs"
     call, strategy = _head_call(
-        hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs
-    )
+        hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs,
+        (compute_dtype, logits_dtype),
+    )  # fmt: skip
     if strategy == "fused":
         logp, entropy, lse = call.ops.fused_logprobs(hidden, weight, bias, targets, call.head)
         return logp, entropy, lse
@@ -247,6 +257,8 @@ def logprobs_backward_op(
     backend: str,
     workspace: str,
     needs: list[bool],
+    compute_dtype: torch.dtype,
+    logits_dtype: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_hidden, d_weight, d_bias)`` of ``fused_gspo::logprobs`` (empty where not in ``needs``)."""
     stats = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
@@ -257,15 +269,16 @@ def logprobs_backward_op(
                 for t, n in zip((hidden, weight, bias), needs, strict=True)
             ]
             head = HeadParams(temperature, logit_scale, softcap)
-            logp, ent = full_logprobs(leaves[0], leaves[1], leaves[2], targets, head)
+            logp, ent = full_logprobs(leaves[0], leaves[1], leaves[2], targets, head, compute_dtype)
             grad_of = [leaf for leaf, n in zip(leaves, needs, strict=True) if leaf is not None and n]
             grads = list(torch.autograd.grad((logp * grad_logp).sum() + (ent * grad_entropy).sum(), grad_of))
         wanted = zip((hidden, weight, bias), needs, strict=True)
         results = [grads.pop(0) if (t is not None and n) else None for t, n in wanted]
     else:
         call, _ = _head_call(
-            hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, "fwd_bwd", needs
-        )
+            hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, "fwd_bwd", needs,
+            (compute_dtype, logits_dtype),
+        )  # fmt: skip
         acc = recompute_grads(hidden, weight, bias, targets, call, lse, entropy, grad_logp, grad_entropy, needs)
         results = acc.results()
     return tuple(_empty(hidden, stats) if r is None else r for r in results)
@@ -273,7 +286,7 @@ def logprobs_backward_op(
 
 @logprobs_backward_op.register_fake
 def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *rest):
-    needs = rest[-1]
+    needs = rest[-3]
     stats = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     return tuple(
         t.new_empty(t.shape) if (t is not None and n) else hidden.new_empty((0,), dtype=stats)
@@ -296,12 +309,12 @@ def _logprobs_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     bias = bias if ctx.has_bias else None
     grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp
     grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
-    needs = ctx.options[-1]
+    needs = ctx.options[-3]
     dx, dw, db = logprobs_backward_op(
         hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *ctx.options
     )
     grads = [g if n else None for g, n in zip((dx, dw, db), needs, strict=True)]
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
@@ -335,6 +348,7 @@ def policy_loss_call(
         config_key(config),
         resolve_backend(backend, hidden.device),
         needs,
+        compute_dtype(hidden, weight),
     )
     names = metric_names(config)
     return PolicyLossOutput(
@@ -347,7 +361,7 @@ def policy_loss_call(
     )
 
 
-def logprobs_call(hidden, weight, targets, bias, head: HeadParams, backend: str, workspace_bytes):
+def logprobs_call(hidden, weight, targets, bias, head: HeadParams, backend: str, workspace_bytes, logits_dtype="auto"):
     """``fused_logprobs`` through :func:`logprobs_op`: ``(logp, entropy)`` ``[N]``."""
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
@@ -362,6 +376,8 @@ def logprobs_call(hidden, weight, targets, bias, head: HeadParams, backend: str,
         resolve_backend(backend, hidden.device),
         str(workspace_bytes),
         needs,
+        compute_dtype(hidden, weight),
+        logits_dtype,
     )
     return logp, entropy
 

@@ -46,6 +46,15 @@ class DeviceProfile:
     fused_gemm_efficiency: float = 0.55
     bandwidth_efficiency: float = 0.9
     small_kernel_us: float = 3.0  # device time of a tiny elementwise kernel, launch latency included
+    # The host side (cost.host_wait): the device's idle time per host read (the read drains the queue; the device
+    # then waits for the host's Python up to the next launch) and the host time per kernel launch (Python and
+    # autograd included). Fitted to the H100 profile of 2026-11-23 (bench/results/gpu-h100-profile.json): 4.9 ms
+    # idle per call at the reference shape with the host reading 5 times before the first chunk, and the six
+    # largest gaps (3.0 ms) around those reads; the kernels launched after them sit behind the chunks' GEMMs, so
+    # the rest is the host's Python between the reads: about 1 ms per read. The code has read once per call since
+    # (tests/test_host_values.py); refit on the next GPU run (bench/gpu_profile.py reports the idle time).
+    host_read_us: float = 980.0
+    host_launch_us: float = 20.0
     exp_per_clock_per_sm: int = 16  # special-function unit throughput (ex2) per multiprocessor
     is_gpu: bool = True
 
@@ -115,6 +124,8 @@ CPU = DeviceProfile(
     bandwidth_efficiency=1.0,
     small_kernel_us=10.0,
     exp_per_clock_per_sm=4,
+    host_read_us=0.0,  # the CPU runs kernels as it launches them: no idle device to model
+    host_launch_us=0.0,
     is_gpu=False,
 )
 

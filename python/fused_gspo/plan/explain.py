@@ -53,6 +53,8 @@ class Plan:
     peak_bytes: int
     alternatives: dict[str, float] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)
+    compute_dtype: str = ""  # the GEMMs' operands (autocast's dtype under autocast)
+    logits_dtype: str = ""  # what each chunk's logits tile is staged in
 
     @property
     def ratio(self) -> float:
@@ -71,6 +73,7 @@ class Plan:
         lines = [
             f"fused_gspo plan | N={self.tokens} tokens, H={self.hidden}, V={self.vocab}, {self.dtype}, {self.mode} | "
             f"{self.objective} ({self.coupling} coupling)",
+            f"{self.compute_dtype} GEMMs, logits staged in {self.logits_dtype}",
             f"device profile {self.profile}: {self.device} | {self.rates_line()}",
             f"backend {self.backend} | workspace {budget} | {self.schedule_line()}",
             "",
@@ -99,7 +102,10 @@ class Plan:
     def schedule_line(self) -> str:
         if self.strategy == "fused":
             return "fused: one matmul-with-epilogue kernel, no workspace"
-        return f"{self.strategy}: {self.num_chunks} chunk(s) of up to {self.chunk_tokens} tokens"
+        line = f"{self.strategy}: {self.num_chunks} chunk(s) of up to {self.chunk_tokens} tokens"
+        if any(row.name == "dW" for row in self.stages) and not any(r.name == "gradient output" for r in self.stages):
+            line += " (one chunk: the gradient formed in the backward from the kept tile, dW and dX written once)"
+        return line
 
     def rates_line(self) -> str:
         r = self.rates
@@ -138,6 +144,7 @@ def explain(
     backend: str = "auto",
     on_policy: bool = False,
     bias: bool = False,
+    autocast: torch.dtype | None = None,
     **config_overrides,
 ) -> Plan:
     """The plan ``fused_policy_loss`` makes for ``tokens`` valid tokens, hidden size ``hidden`` and vocabulary
@@ -147,7 +154,10 @@ def explain(
     ``row_lengths``: valid tokens per sequence (an int for equal rows; default 512), which bound the chunks when the
     gradient is sequence-coupled. ``on_policy``: whether ``old_logps`` is None (on-policy makes most objectives
     token-coupled). ``mode``: ``"fwd_bwd"``, ``"fwd"`` or ``"logprobs"`` (the no-grad pass). ``backend``: ``"auto"``
-    (triton on a GPU profile, torch on ``"cpu"``), ``"torch"`` or ``"triton"``. Works without a GPU.
+    (triton on a GPU profile, torch on ``"cpu"``), ``"torch"`` or ``"triton"``. ``autocast``: the dtype of a
+    ``torch.autocast`` region the call runs in (``dtype`` is then the inputs', e.g. fp32 master weights): the GEMMs
+    and the staging follow it, as in a real call. The config's ``logits_dtype`` picks the staging. Works without a
+    GPU.
     """
     from ..api import _resolve_config  # noqa: PLC0415  (the API imports the planner)
     from ..backends import tile_ops_for  # noqa: PLC0415
@@ -163,15 +173,20 @@ def explain(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise ValueError(f"dtype must be bf16, fp16, fp32 or fp64, got {dtype}")
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast}")
     validate_workspace_bytes(workspace_bytes)
     cfg = _resolve_config(config, config_overrides)
     profile = get_profile(device)
     if backend == "auto":
         backend = "triton" if profile.is_gpu else "torch"
     ops = tile_ops_for(backend)
-    fmt = chunk_format(ops, dtype, profile.is_gpu, dtype)
+    compute = autocast if (autocast is not None and dtype != torch.float64) else dtype
+    fmt = chunk_format(ops, compute, profile.is_gpu, dtype, cfg.logits_dtype)
     operands = fmt.operand_dtype
-    problem = Problem(tokens, hidden, vocab, dtype, bias=bias, softcap=cfg.final_logit_softcapping is not None)
+    problem = Problem(
+        tokens, hidden, vocab, compute, bias=bias, softcap=cfg.final_logit_softcapping is not None, output_dtype=dtype
+    )
     coupling = "global" if mode == "logprobs" else coupling_of(cfg, on_policy=on_policy)
     counts = _row_counts(tokens, row_lengths)
     auto = workspace_bytes == "auto"
@@ -230,4 +245,6 @@ def explain(
             "bandwidth_tbs": profile.stream_bandwidth / 1e12,
             "small_kernel_us": profile.small_kernel_us,
         },
+        compute_dtype=str(compute).replace("torch.", ""),
+        logits_dtype=str(fmt.tile).replace("torch.", ""),
     )

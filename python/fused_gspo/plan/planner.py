@@ -51,6 +51,7 @@ class ChunkPlan:
     floor: Costing
     peak_bytes: int
     alternatives: dict[str, float] = field(default_factory=dict)  # predicted ms of the best of each strategy
+    fmt: ChunkFormat | None = None  # how the driver holds each chunk (the format the plan was costed for)
 
     @property
     def chunk_tokens(self) -> int:
@@ -197,6 +198,7 @@ def choose(
         floor=floor_cost(problem, mode, profile),
         peak_bytes=peak_bytes(problem, fmt, widest, strategy, mode, weight_copy),
         alternatives=alternatives,
+        fmt=fmt,
     )
 
 
