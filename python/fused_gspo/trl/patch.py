@@ -31,7 +31,7 @@ import torch
 from ..config import PolicyLossConfig
 from ..policy import CrossProcess, compute_policy_loss
 from . import cpo, dpo
-from .config_field import add_flag_field, flag_on, init_validated_by, remove_flag_field
+from .config_field import add_flag_field, flag_on, init_validated_by, logits_dtype_of, remove_flag_field
 from .stand_in import ChunkedLogProbStandIn, LogProbRequest, active, current_request
 
 _saved: dict = {}
@@ -127,6 +127,7 @@ def policy_config_for(trainer, mode: str = "train", entropy_coef: float = 0.0) -
         epsilon=trainer.epsilon_low,
         epsilon_high=trainer.epsilon_high,
         temperature=trainer.temperature,
+        logits_dtype=logits_dtype_of(trainer),
         **_accumulation(trainer, mode),
     )
     with warnings.catch_warnings():
@@ -330,7 +331,7 @@ def _fused_logps_when_flagged(original):
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         if not flag_on(self) or current_request() is not None:
             return original(self, *args, **kwargs)
-        with active(LogProbRequest()):
+        with active(LogProbRequest(logits_dtype_of(self))):
             return original(self, *args, **kwargs)
 
     return _get_per_token_logps_and_entropies

@@ -60,7 +60,11 @@ class ChunkedLogProbStandIn:
 
 
 class LogProbRequest:
-    """TRL asks for log-probs (and entropies): the fused log-prob path, differentiable if grads are on."""
+    """TRL asks for log-probs (and entropies): the fused log-prob path, differentiable if grads are on, with the
+    trainer's staging (``fused_gspo_logits_dtype``)."""
+
+    def __init__(self, logits_dtype: str = "auto"):
+        self.logits_dtype = logits_dtype
 
     def __call__(self, hidden, weight, bias, targets, temperature, softcap, logit_scale):
         logp, entropy = fused_logprobs(
@@ -72,5 +76,6 @@ class LogProbRequest:
             logit_scale=logit_scale,
             final_logit_softcapping=softcap,
             return_entropy=True,
+            logits_dtype=self.logits_dtype,
         )
         return logp, entropy, None, None, None
