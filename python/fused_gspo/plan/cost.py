@@ -18,6 +18,10 @@ costs") derives the counts; in short, for a chunk of ``n`` tokens against a voca
 - after the last chunk, *finish* (the objective over the batch and TRL's metrics) and *gradient output* (``dW`` and
   ``dX`` scaled by the incoming gradient and cast to the inputs' dtype in one pass).
 
+With the head split over ``k`` ranks (``Problem.tensor_parallel``; ``vocab`` is then one rank's largest shard), each
+scoring chunk adds a *statistics exchange* and the backward a *dX sum* over the ranks, costed on the profile's link
+(:mod:`.comm`), plus the call's *handshake*.
+
 A stage's time is the roofline bound ``max(FLOPs / F, bytes / B, exps / E)`` plus a fixed cost per kernel, with ``F``,
 ``B`` and ``E`` from the :class:`DeviceProfile`. The floor is the same model applied to the three bare GEMMs.
 """
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import comm
 from .devices import DeviceProfile, dtype_key
 
 # Tiny kernels of the per-chunk objective epilogue (placing the chunk's log-probs into its rows, the objective,
@@ -55,6 +60,10 @@ class Problem:
     weight_grad: bool = True
     bias: bool = False
     softcap: bool = False
+    # ranks the vocabulary is split over (fused_gspo.parallel): ``vocab`` is then one rank's (largest) shard, and
+    # ``sequence_parallel`` says the hidden gradient is reduce-scattered rather than all-reduced
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
 
     @property
     def stats_dtype(self) -> torch.dtype:
@@ -110,19 +119,27 @@ class Stage:
     operands: str | None = None  # a GEMM's operand key for DeviceProfile.gemm_flops ("bf16", "fp32", "tf32", ...)
     passes: int = 1  # tensor-core passes per FLOP (3xTF32 dots: three)
     fused_gemm: bool = False  # our Triton matmul-with-epilogue: DeviceProfile.fused_gemm_efficiency of the library rate
+    wire_bytes: float = 0.0  # bytes one rank sends to the others (a collective of a vocabulary-parallel call)
+    collectives: int = 0  # collectives launched: each pays the link's latency
 
     def seconds(self, profile: DeviceProfile) -> tuple[float, str]:
-        """``(time, bound)``: the roofline bound (compute, memory or exp) plus the kernels' fixed cost."""
+        """``(time, bound)``: the roofline bound (compute, memory, exp or link) plus the kernels' and the
+        collectives' fixed costs."""
         terms = {"memory": self.bytes / profile.stream_bandwidth, "exp": self.exps / profile.exp_rate}
         if self.flops:
             rate = profile.gemm_flops(self.operands)
             if self.fused_gemm:
                 rate *= profile.fused_gemm_efficiency
             terms["compute"] = self.flops * self.passes / rate
+        if self.collectives:
+            terms["link"] = self.wire_bytes / profile.link_rate
         bound = max(terms, key=terms.get)
-        fixed = self.kernels * profile.small_kernel_us * 1e-6
-        seconds = terms[bound] + fixed
-        return seconds, ("launch" if fixed > terms[bound] else bound)
+        launches = self.kernels * profile.small_kernel_us * 1e-6
+        latency = self.collectives * profile.link_latency_us * 1e-6
+        seconds = terms[bound] + launches + latency
+        if launches + latency > terms[bound]:
+            bound = "latency" if latency > launches else "launch"
+        return seconds, bound
 
 
 def _gemm(name, m, n, k, operand_bytes, out_bytes, dtype, *, accumulate=False, extra_bytes=0.0) -> Stage:
@@ -197,6 +214,25 @@ def gradient_output(p: Problem, fmt: ChunkFormat) -> Stage:
     return Stage("gradient output", bytes=elements * (acc + out), kernels=kernels)
 
 
+def statistics_exchange(p: Problem, fmt: ChunkFormat, n: int) -> Stage:
+    """The all-gather of a chunk's per-token partial statistics, and their merge (a dozen tiny kernels)."""
+    wire = comm.statistics_exchange_bytes(n, p.tensor_parallel, _bytes(fmt.stats_dtype))
+    merged = n * p.tensor_parallel * comm.STATISTICS_FLOATS * _bytes(fmt.stats_dtype)
+    return Stage("statistics exchange", bytes=2 * merged, kernels=12, wire_bytes=wire, collectives=1)
+
+
+def hidden_grad_sum(p: Problem, fmt: ChunkFormat) -> Stage:
+    """``dX`` (fp32) summed over the ranks once, before the gradient output."""
+    acc = _bytes(torch.promote_types(torch.float32, fmt.operand_dtype))
+    wire = comm.hidden_grad_bytes(p.tokens, p.hidden, p.tensor_parallel, acc, p.sequence_parallel)
+    return Stage("dX sum over ranks", bytes=2 * p.tokens * p.hidden * acc, kernels=0, wire_bytes=wire, collectives=1)
+
+
+def handshake(p: Problem) -> Stage:
+    wire = comm.all_gather_bytes(8 * comm.HANDSHAKE_INTS, p.tensor_parallel)
+    return Stage("handshake", kernels=4, wire_bytes=wire, collectives=1)
+
+
 def fused_logprobs(p: Problem) -> Stage:
     """The no-grad matmul-with-epilogue kernel: the projection's FLOPs, the inputs read once, the statistics in
     registers."""
@@ -224,6 +260,8 @@ def chunk_stages(p: Problem, fmt: ChunkFormat, n: int, phase: str) -> list[Stage
     stages = [projection(p, fmt, n)]
     if phase in ("score", "single_pass"):
         stages.append(statistics(p, fmt, n))
+        if p.tensor_parallel > 1:
+            stages.append(statistics_exchange(p, fmt, n))
     if phase == "single_pass":
         stages.append(objective())
     if phase in ("single_pass", "recompute"):
@@ -249,12 +287,14 @@ class StageRow:
     ms: float = 0.0
     bound: str = ""
     count: int = 0  # how many times it runs (chunks)
+    wire_bytes: float = 0.0  # sent to the other ranks (vocabulary-parallel calls)
     _bound_ms: dict = field(default_factory=dict, repr=False)
 
     def add(self, stage: Stage, profile: DeviceProfile, times: int = 1) -> None:
         seconds, bound = stage.seconds(profile)
         self.flops += stage.flops * times
         self.bytes += stage.bytes * times
+        self.wire_bytes += stage.wire_bytes * times
         self.ms += seconds * 1e3 * times
         self.count += times
         self._bound_ms[bound] = self._bound_ms.get(bound, 0.0) + seconds * times
@@ -268,6 +308,7 @@ class StageRow:
             "ms": self.ms,
             "bound": self.bound,
             "count": self.count,
+            "wire_bytes": self.wire_bytes,
         }
 
 
@@ -304,6 +345,10 @@ def schedule_cost(
     else:
         runs.append(("single_pass", sizes))
         tail.append(finish())
+    if p.tensor_parallel > 1:
+        tail.insert(0, handshake(p))
+        if mode == "fwd_bwd" and p.hidden_grad:
+            tail.append(hidden_grad_sum(p, fmt))
     if mode == "fwd_bwd" and p.wants_grad:
         tail.append(gradient_output(p, fmt))
     totals: dict[str, StageRow] = {}
