@@ -366,9 +366,9 @@ def part_refusals(mesh) -> None:
     problem = draw_problem(2, 4, 8, V, seed=5, with_bias=True)
     hidden, weight, bias = problem.pop("hidden"), problem.pop("weight"), problem.pop("bias")
 
-    def loss(h=hidden, w=None, b=None, **overrides):
-        return fused_gspo.fused_policy_loss(h, sharded(weight, mesh) if w is None else w, bias=b,
-                                            backend=overrides.pop("backend", "torch"), **{**problem, **overrides})  # fmt: skip
+    def loss(h=hidden, w=None, b=None, backend="torch", **overrides):
+        w = sharded(weight, mesh) if w is None else w
+        return fused_gspo.fused_policy_loss(h, w, bias=b, backend=backend, **{**problem, **overrides})
 
     expect("weight Shard(1)", UnsupportedPlacementError, ["weight", "Shard(dim=1)"],
            lambda: loss(w=sharded(weight, mesh, Shard(1))))  # fmt: skip
