@@ -165,7 +165,7 @@ def policy_case(name, V, mesh, dtype=torch.float64, backend="torch", tol=1e-10, 
             values["entropy_mask"] = out.entropy_mask
         return out.loss, values
 
-    label = f"{name} V={V} {backend} {str(dtype)[6:]}" + (f" hidden {hidden_placement}" if hidden_placement else "")
+    label = f"{name} V={V} {backend} {str(dtype)[6:]}" + (f" hidden {hidden_placement!r}" if hidden_placement else "")
     compare_runs(label, call, head, dtype, mesh, tol, None, hidden_placement)
 
 
