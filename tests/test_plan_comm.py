@@ -44,6 +44,11 @@ def test_explain_shows_the_split():
     text = str(eight)
     assert "V=151936 over 8 ranks (18992 rows each)" in text and "MB sent" in text and "B per token" in text
     assert "MB sent" not in str(one)
+    sequence = explain(8192, 4096, 151936, device="h100", loss_type="dapo", tensor_parallel=8, sequence_parallel=True)
+    rows = {row.name: row for row in sequence.stages}
+    # bf16 hidden states gathered, their gradient reduce-scattered: 7/8 of 2 bytes x N x H each
+    assert rows["hidden gather"].wire_bytes == pytest.approx(7 / 8 * 8192 * 4096 * 2)
+    assert rows["dX sum over ranks"].wire_bytes == pytest.approx(7 / 8 * 8192 * 4096 * 2)
     with pytest.raises(ValueError, match="tensor_parallel"):
         explain(8192, 4096, 151936, tensor_parallel=0)
 

@@ -6,8 +6,9 @@ over its ``V / k`` rows:
 - per chunk of ``n`` tokens, one all-gather of the per-token partial statistics: ``w`` floats per token and rank
   (``w = 3``: log-sum-exp, entropy, target logit; 7 with the preference losses' extras) in the statistics dtype.
   Each rank sends its ``n w`` floats to the ``k - 1`` others and receives theirs: ``(k - 1) n w s`` bytes each way;
-- per backward, one all-reduce of the fp32 ``dX`` (``N x H``): a ring sends ``2 (k - 1) / k`` of it each way
-  (a reduce-scatter, under sequence parallelism, half of that);
+- per backward, one all-reduce of the fp32 ``dX`` (``N x H``): a ring sends ``2 (k - 1) / k`` of it each way.
+  Under sequence parallelism DTensor instead gathers the hidden states before the call and reduce-scatters their
+  gradient after it, both in the inputs' dtype: ``(k - 1) / k`` of ``N x H`` each;
 - per call, the handshake: a few int64 per rank (shard sizes, free memory, token fingerprints).
 
 A collective's time is ``bytes / (link bandwidth x efficiency) + latency`` (:class:`fused_gspo.plan.devices.
@@ -42,9 +43,10 @@ def statistics_exchange_bytes(tokens: int, ranks: int, stats_bytes: int, floats:
     return all_gather_bytes(tokens * floats * stats_bytes, ranks)
 
 
-def hidden_grad_bytes(tokens: int, hidden: int, ranks: int, acc_bytes: int, sequence_parallel: bool = False) -> float:
-    """The backward's sum of ``dX`` over the ranks (all-reduce; reduce-scatter under sequence parallelism)."""
-    total = tokens * hidden * acc_bytes
+def hidden_grad_bytes(tokens: int, hidden: int, ranks: int, width: int, sequence_parallel: bool = False) -> float:
+    """The backward's sum of ``dX`` (``width`` bytes per element) over the ranks: all-reduce, or reduce-scatter
+    under sequence parallelism."""
+    total = tokens * hidden * width
     return reduce_scatter_bytes(total, ranks) if sequence_parallel else all_reduce_bytes(total, ranks)
 
 

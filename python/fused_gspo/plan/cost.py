@@ -222,10 +222,18 @@ def statistics_exchange(p: Problem, fmt: ChunkFormat, n: int) -> Stage:
 
 
 def hidden_grad_sum(p: Problem, fmt: ChunkFormat) -> Stage:
-    """``dX`` (fp32) summed over the ranks once, before the gradient output."""
-    acc = _bytes(torch.promote_types(torch.float32, fmt.operand_dtype))
-    wire = comm.hidden_grad_bytes(p.tokens, p.hidden, p.tensor_parallel, acc, p.sequence_parallel)
-    return Stage("dX sum over ranks", bytes=2 * p.tokens * p.hidden * acc, kernels=0, wire_bytes=wire, collectives=1)
+    """``dX`` summed over the ranks once: all-reduced in fp32 before the gradient output, or (sequence parallelism)
+    reduce-scattered by DTensor afterwards, in the inputs' dtype."""
+    width = _bytes(p.dtype) if p.sequence_parallel else _bytes(torch.promote_types(torch.float32, fmt.operand_dtype))
+    wire = comm.hidden_grad_bytes(p.tokens, p.hidden, p.tensor_parallel, width, p.sequence_parallel)
+    return Stage("dX sum over ranks", bytes=2 * p.tokens * p.hidden * width, kernels=0, wire_bytes=wire, collectives=1)
+
+
+def hidden_gather(p: Problem) -> Stage:
+    """Sequence parallelism: the hidden states' shards gathered (by DTensor) before the call."""
+    wire = comm.all_gather_bytes(p.tokens * p.hidden * _bytes(p.dtype) / p.tensor_parallel, p.tensor_parallel)
+    return Stage("hidden gather", bytes=2 * p.tokens * p.hidden * _bytes(p.dtype), kernels=0, wire_bytes=wire,
+                 collectives=1)  # fmt: skip
 
 
 def handshake(p: Problem) -> Stage:
@@ -347,6 +355,8 @@ def schedule_cost(
         tail.append(finish())
     if p.tensor_parallel > 1:
         tail.insert(0, handshake(p))
+        if p.sequence_parallel:
+            tail.insert(0, hidden_gather(p))
         if mode == "fwd_bwd" and p.hidden_grad:
             tail.append(hidden_grad_sum(p, fmt))
     if mode == "fwd_bwd" and p.wants_grad:

@@ -159,6 +159,7 @@ def explain(
     on_policy: bool = False,
     bias: bool = False,
     tensor_parallel: int = 1,
+    sequence_parallel: bool = False,
     **config_overrides,
 ) -> Plan:
     """The plan ``fused_policy_loss`` makes for ``tokens`` valid tokens, hidden size ``hidden`` and vocabulary
@@ -170,7 +171,9 @@ def explain(
     token-coupled). ``mode``: ``"fwd_bwd"``, ``"fwd"`` or ``"logprobs"`` (the no-grad pass). ``backend``: ``"auto"``
     (triton on a GPU profile, torch on ``"cpu"``), ``"torch"`` or ``"triton"``. ``tensor_parallel``: the vocabulary
     split over this many ranks (:mod:`fused_gspo.parallel`): the plan of one rank, on its shard of ``ceil(V / k)``
-    rows, with the statistics exchange per chunk and the ``dX`` sum on the profile's link. Works without a GPU.
+    rows, with the statistics exchange per chunk and the ``dX`` sum on the profile's link (``sequence_parallel``:
+    the hidden states arrive sharded over the sequence, gathered before the call, their gradient reduce-scattered).
+    Works without a GPU.
     """
     from ..api import _resolve_config  # noqa: PLC0415  (the API imports the planner)
     from ..backends import tile_ops_for  # noqa: PLC0415
@@ -199,7 +202,7 @@ def explain(
     shard_vocab = -(-vocab // tensor_parallel)
     problem = Problem(
         tokens, hidden, shard_vocab, dtype, bias=bias, softcap=cfg.final_logit_softcapping is not None,
-        tensor_parallel=tensor_parallel,
+        tensor_parallel=tensor_parallel, sequence_parallel=bool(sequence_parallel) and tensor_parallel > 1,
     )  # fmt: skip
     coupling = "global" if mode == "logprobs" else coupling_of(cfg, on_policy=on_policy)
     counts = _row_counts(tokens, row_lengths)
