@@ -6,6 +6,7 @@ import torch
 
 from .head import TorchTileOps
 from .parallel.context import active_shard
+from .parallel.tile_ops import VocabParallelTileOps
 
 BACKENDS = ("auto", "eager", "torch", "triton")
 
@@ -44,4 +45,4 @@ def tile_ops_for(backend: str):
     else:
         raise ValueError(f"backend {backend!r} has no tile ops (the chunked backends are 'torch' and 'triton')")
     shard = active_shard()
-    return ops if shard is None else shard.wrap(ops)
+    return ops if shard is None else VocabParallelTileOps(ops, shard)

@@ -10,7 +10,7 @@ nothing else changes:
 - the input checks take token ids in the *whole* vocabulary (:func:`vocab_size`);
 - the planner plans every rank alike, on the largest shard (``ops.shard``, :func:`fused_gspo.plan.runtime.plan_call`).
 
-This module imports nothing of the package but the tile ops' wrapper, lazily: the seams import it from below.
+This module imports nothing of the package: the seams import it from below.
 """
 
 from __future__ import annotations
@@ -63,12 +63,6 @@ class VocabShard:
     def rows_max(self) -> int:
         """The largest shard: every rank plans its chunks on it, so that the chunks (and their collectives) agree."""
         return max(b - a for a, b in zip(self.starts[:-1], self.starts[1:], strict=True))
-
-    def wrap(self, ops):
-        """``ops`` (a backend's tile ops) made vocabulary-parallel over this shard."""
-        from .tile_ops import VocabParallelTileOps  # noqa: PLC0415  (it imports the merge and the collectives)
-
-        return VocabParallelTileOps(ops, self)
 
 
 def active_shard() -> VocabShard | None:

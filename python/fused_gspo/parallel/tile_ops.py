@@ -15,12 +15,16 @@ runs unchanged on the local shard, ``[n, rows]`` tiles instead of ``[n, V]``. Pe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..head import HeadParams, TokenStats
 from .collectives import gather_partials, sum_over_ranks
-from .context import VocabShard
 from .merge import merge_partials, shard_partials
+
+if TYPE_CHECKING:
+    from .context import VocabShard
 
 
 class VocabParallelTileOps:
