@@ -99,10 +99,10 @@ def test_host_wait_by_hand():
     read, launch = h100.host_read_us * 1e-6, h100.host_launch_us * 1e-6
     slow = cost.Stage("gemm", flops=742e12 * 1e-3, operands="bf16")  # 1 ms: hides every launch after it
     tiny = cost.Stage("tiny", kernels=10)  # 10 kernels of 3 us each, launched every 20 us
-    alone = cost.host_wait([[tiny]], [], h100).host_seconds
+    alone = cost.host_wait([tiny], h100).host_seconds
     # the last kernel ends one run after its launch, 10 launches in: idle = 10 launches + 1 run - 10 runs
     assert alone == pytest.approx(cost.HOST_READS_PER_CALL * read + 10 * launch + 3e-6 - 10 * 3e-6)
-    behind = cost.host_wait([[slow, tiny]], [], h100).host_seconds
+    behind = cost.host_wait([slow, tiny], h100).host_seconds
     assert behind == pytest.approx(cost.HOST_READS_PER_CALL * read + launch)  # only the first launch waits
 
 

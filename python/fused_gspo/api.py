@@ -10,6 +10,8 @@ from .backends import BACKENDS, resolve_backend, tile_ops_for
 from .chunked import ChunkedHead, logprobs, weight_gather
 from .config import PolicyLossConfig, validate_workspace_bytes
 from .head import HeadParams, full_logprobs
+from .parallel import dispatch as vocab_parallel
+from .parallel.placements import is_vocab_parallel
 from .plan.runtime import plan_call, run_planned
 from .policy import PolicyLossOutput, compute_policy_loss
 from .rows import cu_seqlens_from_position_ids
@@ -82,6 +84,9 @@ def fused_policy_loss(
         weight: ``[V, H]`` LM-head weight, or the LM-head module itself (``nn.Linear``-like: ``.weight``, optional
             ``.bias``). With the module, the loss runs inside its forward call, so a module sharded with FSDP2
             (``fully_shard``) is unsharded for it and its gradient reduce-scattered as for ``lm_head(hidden)``.
+            A DTensor weight sharded over the vocabulary (``Shard(0)`` on a 1-D mesh, tensor parallelism), or a
+            module holding one, runs vocabulary-parallel: :mod:`fused_gspo.parallel` (accepted layouts:
+            :mod:`fused_gspo.parallel.placements`).
         bias: optional ``[V]`` (None with a module).
         completion_ids: ``[B, T]`` integer token ids, in ``[0, V)`` where the mask is 1.
         advantages: ``[B]`` or ``[B, T]`` (per-token, e.g. GSPO-token); packed ``[S]`` or ``[N]``.
@@ -115,6 +120,14 @@ def fused_policy_loss(
         bias=bias,
         cu_seqlens=cu_seqlens,
     )
+    if is_vocab_parallel(weight):  # a head split over the vocabulary across ranks: this rank's part of the call
+        return vocab_parallel.run(
+            lambda h, w, b: fused_policy_loss(h, w, completion_ids, advantages, completion_mask,
+                                              **{**optional, "bias": b}, config=config, backend=backend),
+            hidden, weight, bias, backend=backend,
+            tokens={"completion_ids": completion_ids, "completion_mask": completion_mask, "cu_seqlens": cu_seqlens},
+            others={"advantages": advantages, **{k: v for k, v in optional.items() if k != "bias"}},
+        )  # fmt: skip
     if isinstance(weight, nn.Module):
         return _policy_loss_through_module(weight, hidden, (completion_ids, advantages, completion_mask), optional,
                                            config=config, backend=backend)  # fmt: skip
@@ -171,7 +184,17 @@ def fused_logprobs(
     ``logits_dtype``: ``"auto"`` stages each chunk's logits in the GEMMs' dtype when it is 16-bit, as TRL does;
     ``"float32"`` (or ``torch.float32``) keeps them in fp32 (:mod:`fused_gspo.precision`). Under ``torch.autocast``
     the GEMMs run in the autocast dtype; the gradients come back in each input's own dtype.
+    A DTensor weight sharded over the vocabulary runs vocabulary-parallel (:mod:`fused_gspo.parallel`).
     """
+    if is_vocab_parallel(weight):
+        return vocab_parallel.run(
+            lambda h, w, b: fused_logprobs(
+                h, w, targets, bias=b, temperature=temperature, logit_scale=logit_scale,
+                final_logit_softcapping=final_logit_softcapping, return_entropy=return_entropy, backend=backend,
+                workspace_bytes=workspace_bytes, logits_dtype=logits_dtype,
+            ),
+            hidden, weight, bias, backend=backend, tokens={"targets": targets},
+        )  # fmt: skip
     if isinstance(weight, nn.Module):
         head_module = weight
 
@@ -309,7 +332,8 @@ def fused_preference_loss(
     Args:
         hidden: ``[2B, T, H]`` in TRL's concatenated layout (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected;
             ``hidden[:, t]`` predicts ``completion_ids[:, t]``), or ``[n, H]``: the valid tokens only, row-major.
-        weight: ``[V, H]`` LM-head weight, or the LM-head module (run inside its forward: FSDP2-ready).
+        weight: ``[V, H]`` LM-head weight, or the LM-head module (run inside its forward: FSDP2-ready); a DTensor
+            sharded over the vocabulary runs vocabulary-parallel (:mod:`fused_gspo.parallel`).
         completion_ids / completion_mask: ``[2B, T]``. A row may have no valid token (its log-prob is 0, as in
             TRL) except where the loss would divide by zero (:func:`fused_gspo.preference.batch.check_empty_rows`).
         ref_chosen_logps / ref_rejected_logps: ``[B]`` reference sequence log-probs (DPO; from the dataset or
@@ -337,6 +361,19 @@ def fused_preference_loss(
         logits_dtype=logits_dtype,
     ).logits_dtype
     validate_workspace_bytes(workspace_bytes)
+    if is_vocab_parallel(weight):
+        per_pair = dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, aux_loss=aux_loss,
+                        completion_lengths=completion_lengths)  # fmt: skip
+        return vocab_parallel.run(
+            lambda h, w, b, position_hidden: fused_preference_loss(
+                h, w, completion_ids, completion_mask, bias=b, position_hidden=position_hidden, **per_pair,
+                temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
+                workspace_bytes=workspace_bytes, logits_dtype=logits_dtype, config=config, backend=backend,
+            ),
+            hidden, weight, bias, backend=backend,
+            tokens={"completion_ids": completion_ids, "completion_mask": completion_mask}, others=per_pair,
+            extra_hidden={"position_hidden": position_hidden},
+        )  # fmt: skip
     options = dict(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,

@@ -170,6 +170,8 @@ class _GradAccumulators:
         self.weight_operand = workspace.weight_operand
         acc = torch.promote_types(torch.float32, self.operand_dtype)
         self.scale_cast = getattr(workspace.ops, "scale_cast", None)
+        # a vocabulary-parallel call's partial dX, summed over the ranks in fp32 before the cast (fused_gspo.parallel)
+        self.reduce_hidden_grad = getattr(workspace.ops, "reduce_hidden_grad", None)
         # dW and db are written by the first chunk and summed into by the others (no zero fill: 4VH bytes saved)
         self.dx = torch.empty(hidden.shape, device=hidden.device, dtype=acc) if needs[0] else None
         self.dw = torch.empty(weight.shape, device=weight.device, dtype=acc) if needs[1] else None
@@ -198,6 +200,8 @@ class _GradAccumulators:
             for acc in (self.dw, self.db):
                 if acc is not None:
                     acc.zero_()
+        if self.dx is not None and self.reduce_hidden_grad is not None:
+            self.reduce_hidden_grad(self.dx)
         out = []
         for acc, ref in ((self.dx, self.hidden), (self.dw, self.weight), (self.db, self.bias)):
             if acc is None:
@@ -241,7 +245,12 @@ class _OneChunk:
             g = self.call.ops.backward_(
                 self.tile, self.targets, self.chunk.lse, self.chunk.entropy, *grads, self.call.head, fmt.grad_dtype
             ).to(fmt.operand_dtype)
-            if wanted[0]:
+            reduce = getattr(ws.ops, "reduce_hidden_grad", None)
+            if wanted[0] and reduce is not None:  # a vocabulary shard's partial dX: summed over the ranks in fp32 first
+                dx = _matmul_as(g, ws.weight_operand, torch.promote_types(torch.float32, g.dtype))
+                reduce(dx)
+                out[0] = dx.to(hidden.dtype)
+            elif wanted[0]:
                 out[0] = _matmul_as(g, ws.weight_operand, hidden.dtype)
             if wanted[1]:
                 out[1] = _matmul_as(g.t(), self.x, weight.dtype)

@@ -172,7 +172,8 @@ class TorchTileOps:
     @staticmethod
     def backward_(y, targets, lse, entropy, grad_logp, grad_entropy, head: HeadParams, grad_dtype=None) -> torch.Tensor:
         """Overwrite ``y`` with ``dL/dy`` (in ``y``'s dtype, the only ``grad_dtype`` these ops write; a 16-bit tile
-        is worked on in a float32 copy and rounded once). ``grad_logp``/``grad_entropy``: ``[n]`` or None."""
+        is worked on in a float32 copy and rounded once). ``grad_logp``/``grad_entropy``: ``[n]`` or None (no such
+        term). ``targets`` outside ``[0, V)`` select no column."""
         if grad_dtype is not None and grad_dtype != y.dtype:
             raise ValueError(f"TorchTileOps writes the gradient in the tile's dtype {y.dtype}, not {grad_dtype}")
         if y.dtype in HALF_DTYPES:
@@ -193,9 +194,11 @@ class TorchTileOps:
         else:
             log_p.zero_()
         if grad_logp is not None:
-            # dlogp_target/dz_j = 1[j = target] - p_j
+            # dlogp_target/dz_j = 1[j = target] - p_j; a target outside [0, V) selects no column (a vocabulary shard
+            # that does not hold it: fused_gspo.parallel)
             log_p.sub_(p.mul_(grad_logp.unsqueeze(-1)))
-            log_p.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1))
+            held = (targets >= 0) & (targets < y.shape[-1])
+            log_p.scatter_add_(-1, targets.clamp(0, y.shape[-1] - 1).unsqueeze(-1), (grad_logp * held).unsqueeze(-1))
         grad = log_p
         grad.mul_(1.0 / head.temperature)
         if t is not None:

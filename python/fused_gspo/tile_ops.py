@@ -65,7 +65,9 @@ class TileOps(Protocol):
     ) -> torch.Tensor:
         """Overwrite the tile ``y`` with ``dL/dy`` and return it as a ``[n, V]`` tensor of ``grad_dtype`` (the value
         :meth:`grad_dtype` gave) over ``y``'s storage: ``y`` itself, or a 16-bit view with row stride ``2V``.
-        ``grad_logp`` / ``grad_entropy``: ``[n]`` upstream gradients, or None for a term the loss does not have."""
+        ``grad_logp`` / ``grad_entropy``: ``[n]`` upstream gradients, or None for a term the loss does not have.
+        A target outside ``[0, V)`` selects no column (``dL/dz_j = -g_logp p_j + ...``): the tile is one rank's shard
+        of a vocabulary split across ranks and the target is another's (:mod:`fused_gspo.parallel`)."""
         ...
 
 

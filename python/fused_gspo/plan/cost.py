@@ -22,6 +22,10 @@ costs") derives the counts; in short, for a chunk of ``n`` tokens against a voca
   accumulator, no read-modify-write, no gradient output pass;
 - *host*: the time the device waits for the host (:func:`host_wait`).
 
+With the head split over ``k`` ranks (``Problem.tensor_parallel``; ``vocab`` is then one rank's largest shard), each
+scoring chunk adds a *statistics exchange* and the backward a *dX sum* over the ranks, costed on the profile's link
+(:mod:`.comm`), plus the call's *handshake*.
+
 A stage's time is the roofline bound ``max(FLOPs / F, bytes / B, exps / E)`` plus a fixed cost per kernel, with ``F``,
 ``B`` and ``E`` from the :class:`DeviceProfile`; the host stage's is :func:`host_wait`'s. The floor is the same model
 applied to the three bare GEMMs.
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import comm
 from .devices import DeviceProfile, dtype_key
 
 # Tiny kernels of the per-chunk objective epilogue (placing the chunk's log-probs into its rows, the objective,
@@ -69,6 +74,11 @@ class Problem:
     @property
     def out_dtype(self) -> torch.dtype:
         return self.dtype if self.output_dtype is None else self.output_dtype
+
+    # ranks the vocabulary is split over (fused_gspo.parallel): ``vocab`` is then one rank's (largest) shard, and
+    # ``sequence_parallel`` says the hidden gradient is reduce-scattered rather than all-reduced
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
 
     @property
     def stats_dtype(self) -> torch.dtype:
@@ -149,9 +159,12 @@ class Stage:
     passes: int = 1  # tensor-core passes per FLOP (3xTF32 dots: three)
     fused_gemm: bool = False  # our Triton matmul-with-epilogue: DeviceProfile.fused_gemm_efficiency of the library rate
     host_seconds: float = 0.0  # time the device waits for the host (the "host" stage only)
+    wire_bytes: float = 0.0  # bytes one rank sends to the others (a collective of a vocabulary-parallel call)
+    collectives: int = 0  # collectives launched: each pays the link's latency
 
     def seconds(self, profile: DeviceProfile) -> tuple[float, str]:
-        """``(time, bound)``: the roofline bound (compute, memory or exp) plus the kernels' fixed cost."""
+        """``(time, bound)``: the roofline bound (compute, memory, exp or link) plus the kernels' and the
+        collectives' fixed costs; the host stage's own time."""
         if self.host_seconds:
             return self.host_seconds, "host"
         terms = {"memory": self.bytes / profile.stream_bandwidth, "exp": self.exps / profile.exp_rate}
@@ -160,10 +173,15 @@ class Stage:
             if self.fused_gemm:
                 rate *= profile.fused_gemm_efficiency
             terms["compute"] = self.flops * self.passes / rate
+        if self.collectives:
+            terms["link"] = self.wire_bytes / profile.link_rate
         bound = max(terms, key=terms.get)
-        fixed = self.kernels * profile.small_kernel_us * 1e-6
-        seconds = terms[bound] + fixed
-        return seconds, ("launch" if fixed > terms[bound] else bound)
+        launches = self.kernels * profile.small_kernel_us * 1e-6
+        latency = self.collectives * profile.link_latency_us * 1e-6
+        seconds = terms[bound] + launches + latency
+        if launches + latency > terms[bound]:
+            bound = "latency" if latency > launches else "launch"
+        return seconds, bound
 
 
 def _gemm(name, m, n, k, operand_bytes, out_bytes, dtype, *, accumulate=False, extra_bytes=0.0) -> Stage:
@@ -244,6 +262,33 @@ def gradient_output(p: Problem, fmt: ChunkFormat) -> Stage:
     return Stage("gradient output", bytes=elements * (acc + out), kernels=kernels)
 
 
+def statistics_exchange(p: Problem, fmt: ChunkFormat, n: int) -> Stage:
+    """The all-gather of a chunk's per-token partial statistics, and their merge (a dozen tiny kernels)."""
+    wire = comm.statistics_exchange_bytes(n, p.tensor_parallel, _bytes(fmt.stats_dtype))
+    merged = n * p.tensor_parallel * comm.STATISTICS_FLOATS * _bytes(fmt.stats_dtype)
+    return Stage("statistics exchange", bytes=2 * merged, kernels=12, wire_bytes=wire, collectives=1)
+
+
+def hidden_grad_sum(p: Problem, fmt: ChunkFormat) -> Stage:
+    """``dX`` summed over the ranks once: all-reduced in fp32 before the gradient output, or (sequence parallelism)
+    reduce-scattered by DTensor afterwards, in the inputs' dtype."""
+    width = _bytes(p.dtype) if p.sequence_parallel else _bytes(torch.promote_types(torch.float32, fmt.operand_dtype))
+    wire = comm.hidden_grad_bytes(p.tokens, p.hidden, p.tensor_parallel, width, p.sequence_parallel)
+    return Stage("dX sum over ranks", bytes=2 * p.tokens * p.hidden * width, kernels=0, wire_bytes=wire, collectives=1)
+
+
+def hidden_gather(p: Problem) -> Stage:
+    """Sequence parallelism: the hidden states' shards gathered (by DTensor) before the call."""
+    wire = comm.all_gather_bytes(p.tokens * p.hidden * _bytes(p.dtype) / p.tensor_parallel, p.tensor_parallel)
+    return Stage("hidden gather", bytes=2 * p.tokens * p.hidden * _bytes(p.dtype), kernels=0, wire_bytes=wire,
+                 collectives=1)  # fmt: skip
+
+
+def handshake(p: Problem) -> Stage:
+    wire = comm.all_gather_bytes(8 * comm.HANDSHAKE_INTS, p.tensor_parallel)
+    return Stage("handshake", kernels=4, wire_bytes=wire, collectives=1)
+
+
 def fused_logprobs(p: Problem) -> Stage:
     """The no-grad matmul-with-epilogue kernel: the projection's FLOPs, the inputs read once, the statistics in
     registers."""
@@ -273,6 +318,8 @@ def chunk_stages(p: Problem, fmt: ChunkFormat, n: int, phase: str) -> list[Stage
     stages = [projection(p, fmt, n)]
     if phase in ("score", "single_pass", "one_chunk", "one_chunk_forward"):
         stages.append(statistics(p, fmt, n))
+        if p.tensor_parallel > 1:
+            stages.append(statistics_exchange(p, fmt, n))
     if phase in ("single_pass", "one_chunk", "one_chunk_forward"):
         stages.append(objective())
     if phase in ("single_pass", "recompute", "one_chunk"):
@@ -305,12 +352,14 @@ class StageRow:
     ms: float = 0.0
     bound: str = ""
     count: int = 0  # how many times it runs (chunks)
+    wire_bytes: float = 0.0  # sent to the other ranks (vocabulary-parallel calls)
     _bound_ms: dict = field(default_factory=dict, repr=False)
 
     def add(self, stage: Stage, profile: DeviceProfile, times: int = 1) -> None:
         seconds, bound = stage.seconds(profile)
         self.flops += stage.flops * times
         self.bytes += stage.bytes * times
+        self.wire_bytes += stage.wire_bytes * times
         self.ms += seconds * 1e3 * times
         self.count += times
         self._bound_ms[bound] = self._bound_ms.get(bound, 0.0) + seconds * times
@@ -324,6 +373,7 @@ class StageRow:
             "ms": self.ms,
             "bound": self.bound,
             "count": self.count,
+            "wire_bytes": self.wire_bytes,
         }
 
 
@@ -342,29 +392,41 @@ class Costing:
         return [stages for _, _, stages in self.phases]
 
 
+# A one-chunk phase's stages that run in the forward; the rest run in the backward, after the objective's finish
+_FORWARD_STAGES = ("projection", "statistics", "statistics exchange", "objective")
+
+
 def schedule_cost(
     p: Problem, fmt: ChunkFormat, sizes: list[int], strategy: str, mode: str, profile: DeviceProfile
 ) -> Costing:
     """Predicted cost of running chunks of ``sizes`` tokens with ``strategy`` in ``mode``, the device's wait for the
-    host included (a ``"host"`` row). Chunks of equal size are costed once."""
+    host included (a ``"host"`` row, from the stages in the order the host launches them). Chunks of equal size are
+    costed once."""
     runs: list[tuple[str, list[int]]] = []
-    tail: list[Stage] = []
+    before: list[Stage] = []  # the call's prologue
+    after: list[Stage] = []  # the objective over the batch, then the backward's tail
     if strategy == "fused":
-        tail.append(fused_logprobs(p))
+        after.append(fused_logprobs(p))
     elif mode == "logprobs" or strategy == "two_phase":
         runs.append(("score", sizes))
         if mode != "logprobs":
-            tail.append(finish())
+            after.append(finish())
         if mode == "fwd_bwd":
             runs.append(("recompute", sizes))
     elif one_chunk(p, sizes, strategy):
         runs.append(("one_chunk" if mode == "fwd_bwd" else "one_chunk_forward", sizes))
-        tail.append(finish())
+        after.append(finish())
     else:
         runs.append(("single_pass", sizes))
-        tail.append(finish())
+        after.append(finish())
+    if p.tensor_parallel > 1:
+        before.append(handshake(p))
+        if p.sequence_parallel:
+            before.insert(0, hidden_gather(p))
+        if mode == "fwd_bwd" and p.hidden_grad:
+            after.append(hidden_grad_sum(p, fmt))
     if mode == "fwd_bwd" and p.wants_grad and not one_chunk(p, sizes, strategy):
-        tail.append(gradient_output(p, fmt))
+        after.append(gradient_output(p, fmt))
     totals: dict[str, StageRow] = {}
     phases = []
     for phase, run_sizes in runs:
@@ -374,14 +436,32 @@ def schedule_cost(
             for stage in stages_of[n]:
                 totals.setdefault(stage.name, StageRow(stage.name)).add(stage, profile, counts[n])
         phases += [(phase, n, stages_of[n]) for n in run_sizes]
-    tail.append(host_wait([stages for _, _, stages in phases], tail, profile))
+    tail = [*before, *after]
+    tail.append(host_wait(_launch_order(phases, before, after), profile))
     for stage in tail:
         totals.setdefault(stage.name, StageRow(stage.name)).add(stage, profile)
     rows = list(totals.values())
     return Costing(phases, tail, rows, sum(r.ms for r in rows))
 
 
-def host_wait(chunks: list[list[Stage]], tail: list[Stage], profile: DeviceProfile) -> Stage:
+def _launch_order(phases, before: list[Stage], after: list[Stage]) -> list[Stage]:
+    """Every stage in the order the host launches it: the prologue, the forward's chunks, the objective's finish,
+    then the backward (the two phases' recomputing chunks, or the one chunk's gradient), then the rest of ``after``."""
+    finish_stages = [s for s in after if s.name == "finish"]
+    rest = [s for s in after if s.name != "finish"]
+    forward, backward = [], []
+    for phase, _, stages in phases:
+        if phase == "recompute":
+            backward += stages
+        elif phase == "one_chunk":
+            forward += [s for s in stages if s.name in _FORWARD_STAGES]
+            backward += [s for s in stages if s.name not in _FORWARD_STAGES]
+        else:
+            forward += stages
+    return [*before, *forward, *finish_stages, *backward, *rest]
+
+
+def host_wait(stages: list[Stage], profile: DeviceProfile) -> Stage:
     """The time the device sits idle waiting for the host.
 
     The call's :data:`HOST_READS_PER_CALL` reads each drain the queue and leave the device idle for
@@ -393,7 +473,7 @@ def host_wait(chunks: list[list[Stage]], tail: list[Stage], profile: DeviceProfi
     read = HOST_READS_PER_CALL * profile.host_read_us * 1e-6
     launch = profile.host_launch_us * 1e-6
     host = device = idle = read  # both clocks start when the last read returns the device to the host
-    for stage in [s for stages in chunks for s in stages] + tail:
+    for stage in stages:
         k = stage.kernels
         if k == 0:
             continue

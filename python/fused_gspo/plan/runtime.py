@@ -104,19 +104,26 @@ def plan_call(
         compute_dtype = resolve_compute_dtype(hidden, weight)
     if needs is None:
         needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    # a vocabulary-parallel call (fused_gspo.parallel): every rank plans the same chunks, on the largest shard and
+    # the least free memory, since each chunk exchanges statistics with the other ranks
+    shard = getattr(ops, "shard", None)
     problem = Problem(
         tokens=hidden.shape[0],
         hidden=hidden.shape[1],
-        vocab=weight.shape[0],
+        vocab=weight.shape[0] if shard is None else shard.rows_max,
         dtype=compute_dtype,
         hidden_grad=bool(needs[0]),
         weight_grad=bool(needs[1]),
         bias=bias is not None,
         softcap=softcap,
         output_dtype=weight.dtype,
+        tensor_parallel=1 if shard is None else shard.size,
+        sequence_parallel=shard is not None and not shard.reduce_hidden_grad,
     )
     fmt = chunk_format(ops, compute_dtype, hidden.device.type == "cuda", hidden.dtype, logits_dtype)
     free = free_device_bytes(hidden.device) if workspace_bytes == "auto" else None
+    if shard is not None and free is not None:
+        free = shard.free_bytes
     if free is not None:  # the auto budget moves with free memory; planning again for every MiB is not worth it
         free = float(int(free) >> _FREE_ROUNDING_BITS << _FREE_ROUNDING_BITS)
     return _plan(

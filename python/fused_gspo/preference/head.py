@@ -148,9 +148,11 @@ def position_mean_logits(
     stats_dtype = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     flat = hidden.reshape(-1, size)
     if head.softcap is None:
-        mean = flat.to(stats_dtype) @ weight.to(stats_dtype).mean(0)
+        # over the whole vocabulary: a vocabulary-parallel call's ops average over every rank's shard
+        vocab_mean = getattr(ops, "vocab_mean", lambda rows: rows.mean(0))
+        mean = flat.to(stats_dtype) @ vocab_mean(weight.to(stats_dtype))
         if bias is not None:
-            mean = mean + bias.to(stats_dtype).mean()
+            mean = mean + vocab_mean(bias.to(stats_dtype))
         return (mean * (head.logit_scale / head.temperature)).view(rows, positions)
     targets = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
     # chunks of the two phases' first pass: tiles are needed (the fused kernel keeps no extras)

@@ -15,6 +15,7 @@ import contextvars
 
 from ..api import fused_logprobs
 from ..chunked import weight_gather
+from .tensor_parallel import unwrap
 
 _request: contextvars.ContextVar = contextvars.ContextVar("fused_gspo_request", default=None)
 
@@ -53,7 +54,8 @@ class ChunkedLogProbStandIn:
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
         token = weight_gather.set(maybe_gather_lm_head_ctx)
-        try:
+        try:  # a tensor-parallel head reaches here as a stand-in TRL did not gather (.tensor_parallel)
+            weight, bias = unwrap(weight), unwrap(bias)
             return request(hidden, weight, bias, targets, float(temperature), softcap, float(logit_scale))
         finally:
             weight_gather.reset(token)
