@@ -25,8 +25,9 @@ MAX_SPLITS = 64
 
 LAUNCH_CONFIGS = {
     "gpu": {
-        # one row x one vocabulary split, BLOCK_V logits per iteration
-        "logsumexp_stats": {"BLOCK_V": 2048, "num_warps": 8},
+        # one row x one vocabulary split, BLOCK_V logits per iteration; SPLIT_LOGITS per split (the split count
+        # depends on V only, so a token's statistics never depend on how many tokens share its launch)
+        "logsumexp_stats": {"BLOCK_V": 2048, "num_warps": 8, "SPLIT_LOGITS": 16384},
         # BLOCK_R rows x all splits
         "merge_stats": {"BLOCK_R": 32, "num_warps": 4},
         # one row x BLOCK_V logits per iteration
@@ -44,7 +45,7 @@ LAUNCH_CONFIGS = {
         "programs_per_sm": 8,
     },
     "interpreter": {
-        "logsumexp_stats": {"BLOCK_V": 4096, "num_warps": 1},
+        "logsumexp_stats": {"BLOCK_V": 4096, "num_warps": 1, "SPLIT_LOGITS": 1 << 20},
         "merge_stats": {"BLOCK_R": 256, "num_warps": 1},
         # software_bf16_rounding: the interpreter's fp32 -> bf16 conversion truncates (Triton 3.9); a GPU rounds to
         # nearest even, which the kernel then does in integer arithmetic
@@ -115,6 +116,18 @@ def vocab_splits(row_programs: int, vocab: int, block_v: int, device: torch.devi
     blocks = triton.cdiv(vocab, block_v)
     if num_splits is None:
         num_splits = triton.cdiv(target_programs(device), max(row_programs, 1))
+    num_splits = max(1, min(num_splits, blocks, MAX_SPLITS))
+    split_size = triton.cdiv(blocks, num_splits) * block_v
+    return triton.cdiv(vocab, split_size), split_size
+
+
+def fixed_vocab_splits(vocab: int, block_v: int, split_logits: int, num_splits: int | None = None):
+    """``(num_splits, split_size)`` as :func:`vocab_splits`, but with about ``split_logits`` logits per split: a
+    function of the vocabulary alone. The statistics kernel splits this way so that a token's log-prob is the same
+    bits whichever chunk, pass or launch scores it (the no-grad pass and the training pass must agree exactly)."""
+    if num_splits is None:
+        num_splits = triton.cdiv(vocab, split_logits)
+    blocks = triton.cdiv(vocab, block_v)
     num_splits = max(1, min(num_splits, blocks, MAX_SPLITS))
     split_size = triton.cdiv(blocks, num_splits) * block_v
     return triton.cdiv(vocab, split_size), split_size

@@ -5,9 +5,14 @@ With ``p = softmax(z)``, ``log p_j = z_j - lse``:
 transform: ``dL/dy_j = dL/dz_j * logit_scale / temperature * sech^2(y_j * logit_scale / c)`` (no sech^2 factor
 without the softcap). ``g_logp`` / ``g_ent`` are per-row upstream gradients; either term can be absent.
 
-The gradient is the operand of the two gradient GEMMs, so for bf16/fp16 inputs it is written once, in that dtype,
-over the first half of its own fp32 row: row ``r`` of the result starts where row ``r`` of ``y`` does and has row
-stride ``2V`` (16-bit elements). That keeps the workspace at 4 bytes per logit and saves the separate cast pass.
+The gradient is the operand of the two gradient GEMMs, so it is written once, in the GEMMs' dtype, over the logits it
+came from:
+
+- a 16-bit tile (logits staged in bf16/fp16, as TRL stages them) is overwritten in place, element for element;
+- an fp32 tile with bf16/fp16 GEMMs gets the gradient over the first half of each of its rows: row ``r`` of the
+  result starts where row ``r`` of ``y`` does and has row stride ``2V`` (16-bit elements), which keeps that
+  workspace at 4 bytes per logit and saves a separate cast pass;
+- an fp32 tile with fp32 GEMMs is overwritten in place in fp32.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ def to_bf16_rne(x):
 # program walks its row left to right, and a barrier between the load and the store of each block guarantees every
 # thread has read block k before any thread writes it. Written bytes [2kB, 2(k+1)B) of the row never reach an unread
 # byte (>= 4(k+1)B), so the row is consumed before it is overwritten.
-# Memory: reads 4 bytes and writes 4 (fp32) or 2 (16-bit) bytes per logit, plus a few floats per row.
+# Memory: reads 4 (fp32 tile) or 2 (16-bit tile) bytes and writes 4 (fp32) or 2 (16-bit) bytes per logit, plus a
+# few floats per row.
 @triton.jit
 def _logits_grad_kernel(
     y_ptr,
@@ -125,18 +131,21 @@ def logits_grad_(
     out_dtype: torch.dtype = torch.float32,
     block_v: int | None = None,
 ) -> torch.Tensor:
-    """``dL/dy`` written over ``y`` ``[n, V]`` (float32, unit column stride): in place for ``out_dtype=float32``,
-    else (bf16/fp16) into :func:`narrow_view` of ``y``, which is returned.
+    """``dL/dy`` written over ``y`` ``[n, V]`` (unit column stride), which is returned: in place when ``out_dtype``
+    is ``y``'s dtype (float32, bfloat16 or float16), else (a float32 ``y``, a bf16/fp16 gradient) into
+    :func:`narrow_view` of ``y``.
 
     ``targets`` ``[n]`` int64; ``lse``, ``entropy``, ``grad_logp``, ``grad_entropy``: ``[n]`` float32, the last two
     None for an absent term (both None: the result is zeros).
     """
     n_rows, vocab = y.shape
-    if y.dtype != torch.float32 or y.stride(1) != 1:
-        raise ValueError("logits_grad_ needs float32 projections with unit column stride")
+    if y.dtype not in (torch.float32, torch.bfloat16, torch.float16) or y.stride(1) != 1:
+        raise ValueError("logits_grad_ needs float32/bfloat16/float16 projections with unit column stride")
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-    narrow = out_dtype != torch.float32
+    if y.dtype != torch.float32 and out_dtype != y.dtype:
+        raise ValueError(f"a {y.dtype} tile's gradient is written in place, in {y.dtype}, not {out_dtype}")
+    narrow = out_dtype != y.dtype
     g = narrow_view(y, out_dtype) if narrow else y
     has_softcap, u_scale, z_scale, grad_scale = head_constants(logit_scale, softcap, temperature)
     cfg = launch_config("logits_grad", BLOCK_V=block_v)

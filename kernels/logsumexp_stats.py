@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_config import MAX_SPLITS, device_guard, launch_config, new_buffer, vocab_splits
+from .launch_config import MAX_SPLITS, device_guard, fixed_vocab_splits, launch_config, new_buffer
 from .logit_transform import head_constants, head_logits
 
 # Running maximum's start: finite, so that exp(m_old - m_new) never sees -inf - -inf in lanes that saw no logit
@@ -52,8 +52,9 @@ def fold_online_stats(m, s, u, axis: tl.constexpr):
 # accumulators rescaled by a scalar (one exp per logit, plus one for the softcap's tanh), summed at the end. With
 # EXTRA, three more accumulators ride along (s2, sum z, the maximum left of the target): no extra exp, no extra read.
 # Grid: (n_rows, num_splits). Rows on axis 0 (up to 2^31 - 1), splits on axis 1 (at most MAX_SPLITS).
-# Memory: reads the row's slice of y once (4 bytes per logit) plus its target; writes 3 (EXTRA: 6) floats per
-# (row, split) and, from the one program holding the target, its logit (4 bytes per row).
+# Memory: reads the row's slice of y once (4 bytes per logit for an fp32 tile, 2 for a 16-bit one, upcast on load)
+# plus its target; writes 3 (EXTRA: 6) floats per (row, split) and, from the one program holding the target, its
+# logit (4 bytes per row).
 @triton.jit(do_not_specialize=["n_rows"])
 def _split_stats_kernel(
     y_ptr,
@@ -223,17 +224,19 @@ def logsumexp_stats(
     """``(logp, entropy, lse)``, each ``[n]`` float32, of the logits ``softcap(y * logit_scale) / temperature``;
     with ``extra``, a fourth output ``[n, 3]``: log sum p^2, the mean logit, the first-argmax flag (1.0 / 0.0).
 
-    ``y``: ``[n, V]`` float32 with unit column stride (any row stride); ``targets``: ``[n]`` int64 in ``[0, V)``.
-    ``block_v`` / ``num_splits`` override the launch table (None: the table, and splits enough to fill the device).
+    ``y``: ``[n, V]`` float32, bfloat16 or float16 (a 16-bit tile is read as is and folded in float32) with unit
+    column stride (any row stride); ``targets``: ``[n]`` int64 in ``[0, V)``.
+    ``block_v`` / ``num_splits`` override the launch table (None: the table; the split count then depends on ``V``
+    only, :func:`~.launch_config.fixed_vocab_splits`).
     ``out`` (a ``(logp, entropy, lse)`` triple) and ``scratch`` (``(partials, target_logit)`` of
     :func:`new_partials`' shapes, for the chosen split count) let callers provide the buffers.
     """
     n_rows, vocab = y.shape
-    if y.dtype != torch.float32 or y.stride(1) != 1:
-        raise ValueError("logsumexp_stats needs float32 projections with unit column stride")
+    if y.dtype not in (torch.float32, torch.bfloat16, torch.float16) or y.stride(1) != 1:
+        raise ValueError("logsumexp_stats needs float32/bfloat16/float16 projections with unit column stride")
     has_softcap, u_scale, z_scale, _ = head_constants(logit_scale, softcap, temperature)
     cfg = launch_config("logsumexp_stats", BLOCK_V=block_v)
-    num_splits, split_size = vocab_splits(n_rows, vocab, cfg["BLOCK_V"], y.device, num_splits)
+    num_splits, split_size = fixed_vocab_splits(vocab, cfg["BLOCK_V"], cfg["SPLIT_LOGITS"], num_splits)
     partials, target_logit = scratch if scratch is not None else new_partials(n_rows, num_splits, y.device, extra)
     width = 6 if extra else 3
     if partials.shape != (n_rows, width, num_splits) or target_logit.shape != (n_rows,):

@@ -5,8 +5,10 @@ module is imported, so it is set here, first. ``-m gpu`` selects the GPU test mo
 skipped where no CUDA device is present.
 """
 
+import contextlib
 import itertools
 import os
+from unittest import mock
 
 import pytest
 
@@ -105,6 +107,41 @@ def draw_problem(
 def backend_device(backend: str) -> str:
     """Where a backend's tests run: the GPU when there is one (Triton needs it without the interpreter), else CPU."""
     return DEVICE if backend in ("triton", "auto") else "cpu"
+
+
+@contextlib.contextmanager
+def logits_staged_in(dtype: torch.dtype | None):
+    """The eager reference with its logits rounded to ``dtype`` (a straight-through rounding: the gradient passes as
+    if it were not there), everything else as before: in float64, what a backend staging its logits in ``dtype``
+    computes. As in TRL's chunked head, the product is rounded, then the bias added and the sum rounded again.
+    None: unchanged."""
+    import fused_gspo.head as head
+
+    if dtype is None:
+        yield
+        return
+    project = head._full_projection
+
+    def round_through(y):
+        return y + (y.to(dtype).to(y.dtype) - y).detach()
+
+    def rounded(hidden, weight, bias, compute):
+        y = round_through(project(hidden, weight, None, compute))
+        return y if bias is None else round_through(y + bias.to(dtype).to(y.dtype))
+
+    with mock.patch.object(head, "_full_projection", rounded):
+        yield
+
+
+def workspace_for(tokens: int, backend: str, dtype: torch.dtype, vocab: int, hidden: int, logits_dtype="auto") -> int:
+    """A ``workspace_bytes`` holding exactly ``tokens`` tokens per chunk for ``backend`` with inputs of ``dtype``
+    (the row bytes the planner counts: the staged logits row, the tile ops' temporaries, converted copies)."""
+    from fused_gspo.backends import tile_ops_for
+    from fused_gspo.plan.runtime import chunk_format
+
+    device = backend_device(backend)
+    fmt = chunk_format(tile_ops_for(backend), dtype, device == "cuda", dtype, logits_dtype)
+    return tokens * fmt.bytes_per_token(vocab, hidden)
 
 
 def cast_problem(problem: dict, dtype: torch.dtype, requires_grad: bool = True, device: str = "cpu") -> dict:

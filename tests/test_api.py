@@ -4,9 +4,20 @@ import math
 
 import pytest
 import torch
-from conftest import SEQUENCE_TRAINERS, backend_device, cast_problem, draw_problem, objectives, rel_err, run_policy_loss
+from conftest import (
+    SEQUENCE_TRAINERS,
+    backend_device,
+    cast_problem,
+    draw_problem,
+    logits_staged_in,
+    objectives,
+    rel_err,
+    run_policy_loss,
+    workspace_for,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_gspo
 from fused_gspo import fused_logprobs, fused_policy_loss
@@ -31,21 +42,24 @@ def _check_metrics(metrics, ref_metrics, tol, one_token):
             assert abs(value - ref) <= tol * max(1.0, abs(ref)), (key, value, ref)
 
 
-# every backend in the dtypes it serves, each against the float64 eager path on the same rounded inputs
+# every backend in the dtypes it serves, each against the float64 eager path on the same rounded inputs (and the
+# same 16-bit logits, for the default staging of 16-bit inputs; logits_dtype="float32" keeps them unrounded)
 @pytest.mark.parametrize(
-    "backend,dtype,tol",
+    "backend,dtype,tol,logits_dtype",
     [
-        ("eager", torch.float32, 1e-5),
-        ("torch", torch.float32, 1e-5),
-        ("torch", torch.bfloat16, 1e-2),
-        ("triton", torch.float32, 1e-5),
-        ("triton", torch.bfloat16, 1e-2),
-        ("triton", torch.float16, 1e-2),
+        ("eager", torch.float32, 1e-5, "auto"),
+        ("torch", torch.float32, 1e-5, "auto"),
+        ("torch", torch.bfloat16, 1e-2, "auto"),
+        ("torch", torch.bfloat16, 1e-2, "float32"),
+        ("triton", torch.float32, 1e-5, "auto"),
+        ("triton", torch.bfloat16, 1e-2, "auto"),
+        ("triton", torch.float16, 1e-2, "auto"),
+        ("triton", torch.bfloat16, 1e-2, "float32"),
     ],
 )
 @settings(max_examples=40)
 @given(objective=objectives(), shape=st.tuples(st.integers(1, 4), st.integers(1, 7)), seed=st.integers(0, 2**31 - 1))
-def test_backend_matches_float64_reference(backend, dtype, tol, objective, shape, seed):
+def test_backend_matches_float64_reference(backend, dtype, tol, logits_dtype, objective, shape, seed):
     cfg, opts = objective
     B, T = shape
     H, V = 12, 37
@@ -54,11 +68,14 @@ def test_backend_matches_float64_reference(backend, dtype, tol, objective, shape
         cfg = {**cfg, "top_entropy_quantile": 1.0}
     problem = draw_problem(B, T, H, V, seed=seed, **opts)
     # Workspace for 1-3 tokens per chunk: many chunks, cut mid-sequence or between sequences
-    workspace = V * 4 * 4 * (1 + seed % 3)
-    # The reference sees the same rounded inputs as the backend, in float64
+    workspace = workspace_for(1 + seed % 3, backend if backend != "eager" else "torch", dtype, V, H, logits_dtype)
+    # The reference sees the same rounded inputs as the backend, in float64, and 16-bit logits where the backend
+    # stages them in 16 bits (bf16/fp16 inputs, logits_dtype="auto"), as TRL does
     rounded = {k: (v.to(dtype).double() if k in ("hidden", "weight", "bias") else v) for k, v in problem.items()}
-    ref, ref_grads = run_policy_loss(rounded, torch.float64, "eager", **cfg, workspace_bytes=workspace)
-    out, grads = run_policy_loss(problem, dtype, backend, **cfg, workspace_bytes=workspace)
+    staged = dtype if dtype in (torch.bfloat16, torch.float16) and logits_dtype == "auto" else None
+    with logits_staged_in(staged):
+        ref, ref_grads = run_policy_loss(rounded, torch.float64, "eager", **cfg, workspace_bytes=workspace)
+    out, grads = run_policy_loss(problem, dtype, backend, **cfg, workspace_bytes=workspace, logits_dtype=logits_dtype)
 
     assert out.loss.dtype == torch.float32
     # The loss sums terms of both signs (advantages, entropy bonus) of order 0.1-1: measure it against that scale,
@@ -76,6 +93,122 @@ def test_backend_matches_float64_reference(backend, dtype, tol, objective, shape
     else:
         assert out.metrics.keys() == ref.metrics.keys()
         assert abs(out.metrics["entropy"] - ref.metrics["entropy"]) < 5e-2 * max(1.0, abs(ref.metrics["entropy"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Precision: autocast, the staging of the logits, the no-grad and training passes' agreement
+
+
+class _GemmOperands(TorchDispatchMode):
+    """Records the operand dtypes of every GEMM (mm / addmm / bmm) below autograd, and whether fp32 operands hold
+    values a 16-bit dtype represents exactly (an upcast of rounded values, as the CPU's gradient GEMMs take)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2][-2:]
+            self.seen.append([(m.dtype, bool((m.to(torch.bfloat16).to(m.dtype) == m).all())) for m in mats])
+        return func(*args, **(kwargs or {}))
+
+
+# fp32 master weights under bf16 autocast, on both chunked backends and the eager path
+@pytest.mark.parametrize("backend", ["eager", "torch", "triton"])
+def test_autocast_runs_the_head_in_the_autocast_dtype(backend):
+    """Under ``torch.autocast(bf16)`` the head's GEMMs see bf16 operands (or, on CPU, fp32 copies of bf16 values:
+    CPU BLAS has no fp32-output bf16 GEMM), the loss and log-probs are those of the bf16-rounded inputs to the bit,
+    and the gradients come back fp32, as autograd gives fp32 parameters under autocast."""
+    device = backend_device(backend)
+    problem = draw_problem(2, 5, 16, 41, seed=3, with_bias=True, off_policy=True)
+    cfg = dict(loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.01)
+    fp32 = cast_problem(problem, torch.float32, device=device)
+    leaves = [fp32[k] for k in ("hidden", "weight", "bias")]
+    recorder = _GemmOperands()
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16), recorder:
+        out = fused_policy_loss(**fp32, backend=backend, **cfg)
+        grads = torch.autograd.grad(out.loss, leaves)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    assert recorder.seen, "no GEMM ran"
+    for operands in recorder.seen:
+        assert all(dtype == torch.bfloat16 or bf16_values for dtype, bf16_values in operands), recorder.seen
+    # the same numbers as the bf16-rounded inputs, whose GEMMs run in bf16 without autocast
+    bf16 = cast_problem(problem, torch.bfloat16, device=device)
+    ref = fused_policy_loss(**bf16, backend=backend, **cfg)
+    ref_grads = torch.autograd.grad(ref.loss, [bf16[k] for k in ("hidden", "weight", "bias")])
+    assert torch.equal(out.loss, ref.loss) and torch.equal(out.logps, ref.logps)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert rel_err(got, want) < 1e-2  # the bf16 gradients are the fp32 ones, rounded
+    # and outside autocast the same fp32 inputs run fp32 GEMMs (so the check above can fail)
+    plain = _GemmOperands()
+    with plain:
+        fused_policy_loss(**cast_problem(problem, torch.float32, device=device), backend=backend, **cfg)
+    assert any(dtype == torch.float32 and not exact for operands in plain.seen for dtype, exact in operands)
+
+
+def test_fused_logprobs_under_autocast_equals_trls_chunked_head():
+    """TRL 1.16's ``ChunkedLogProbFunction`` under autocast computes in the autocast dtype with bf16 tiles; ours, on
+    the same fp32 inputs under the same autocast, gives the same log-probs and entropies to float32 rounding, and
+    gradients to the rounding of their bf16 logits gradient."""
+    chunked = pytest.importorskip("trl.kernels.chunked_logprob")
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(13, 24, generator=g, requires_grad=True)
+    weight = (torch.randn(70, 24, generator=g) * 0.5).requires_grad_()
+    bias = torch.randn(70, generator=g, requires_grad=True)
+    targets = torch.randint(0, 70, (13,), generator=g)
+    g_logp, g_ent = torch.randn(13, generator=g), torch.randn(13, generator=g)
+    results = {}
+    for name in ("trl", "torch", "triton"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if name == "trl":
+                logp, entropy, *_ = chunked.ChunkedLogProbFunction.apply(
+                    hidden, weight, bias, targets, 0.9, 32, 5.0, 1.1, ("entropy",)
+                )
+            else:
+                logp, entropy = fused_logprobs(
+                    hidden, weight, targets, bias=bias, temperature=0.9, logit_scale=1.1,
+                    final_logit_softcapping=5.0, return_entropy=True, backend=name,
+                )  # fmt: skip
+        grads = torch.autograd.grad((logp * g_logp).sum() + (entropy * g_ent).sum(), (hidden, weight, bias))
+        results[name] = (logp, entropy, *grads)
+    for name in ("torch", "triton"):
+        for what, ours, theirs in zip(
+            ("logp", "entropy", "dX", "dW", "db"), results[name], results["trl"], strict=True
+        ):
+            assert ours.dtype == theirs.dtype, what
+            tol = 1e-5 if what in ("logp", "entropy") else 5e-3
+            assert rel_err(ours, theirs) < tol, (name, what, rel_err(ours, theirs))
+
+
+# every staging, on both backends: the two passes over the same tokens with the same budget
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype,logits_dtype", [(torch.bfloat16, "auto"), (torch.float16, "auto"),
+                                                (torch.float32, "auto"), (torch.bfloat16, "float32")])  # fmt: skip
+@settings(max_examples=6)
+@given(seed=st.integers(0, 2**31 - 1), tokens=st.integers(1, 12), level=st.sampled_from(["token", "sequence"]))
+def test_no_grad_and_training_log_probs_are_the_same_bits(backend, dtype, logits_dtype, seed, tokens, level):
+    """The old/ref log-prob pass (``fused_logprobs`` without grad) and the training pass score a token through the
+    same staged tile, GEMM and statistics kernel (whose vocabulary splits depend on V alone): over the same tokens
+    with the same budget they get the same chunks, so their log-probs are the same bits and an on-policy ratio is
+    exactly 1 (GSPO clips at 3e-4), even with one-token chunks.
+
+    Not guaranteed across different chunkings: a BLAS GEMM may accumulate a row in another order when it shares the
+    call with other rows (seen on CPU for 1-row bf16 GEMMs and for fp16), which can move a logit by one ulp."""
+    device = backend_device(backend)
+    problem = draw_problem(3, 6, 16, 53, seed=seed, with_bias=seed % 2 == 0)
+    problem["completion_mask"] = torch.ones_like(problem["completion_mask"])
+    inputs = cast_problem(problem, dtype, device=device)
+    budget = workspace_for(tokens, backend, dtype, 53, 16, logits_dtype)
+    with torch.no_grad():
+        old = fused_logprobs(inputs["hidden"], inputs["weight"], inputs["completion_ids"], bias=inputs.get("bias"),
+                             backend=backend, workspace_bytes=budget, logits_dtype=logits_dtype)  # fmt: skip
+    inputs["old_logps"] = old.float()
+    # on-policy ratios (every ratio 1) are token-coupled: the training pass cuts its chunks as the no-grad pass does
+    gspo = dict(loss_type="grpo", importance_sampling_level=level, epsilon=3e-4, epsilon_high=4e-4)
+    out = fused_policy_loss(**inputs, backend=backend, workspace_bytes=budget, logits_dtype=logits_dtype, **gspo)
+    assert torch.equal(out.logps, old.float())
+    assert float(out.metrics["clip_ratio/region_mean"]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def test_opcheck_policy_loss(needs):
     x, weight, _, rest = _inputs(seed=4)
     args = (x, weight.detach(), None, rest["completion_ids"], rest["advantages"], rest["completion_mask"],
             rest["old_logps"], None, None, None, None, None, None, *ops.config_args(config), "torch",
-            needs)  # fmt: skip
+            needs, torch.float32)  # fmt: skip
     torch.library.opcheck(ops.policy_loss_op, args)
 
 
@@ -186,7 +186,7 @@ def test_opcheck_logprobs():
     h = x.reshape(-1, x.shape[-1])
     head = HeadParams(temperature=0.8, softcap=4.0)
     args = (h, weight.detach(), bias.detach(), ids, head.temperature, head.logit_scale, head.softcap, "torch", 0,
-            [True, True, True])  # fmt: skip
+            [True, True, True], torch.float32, "auto")  # fmt: skip
     torch.library.opcheck(ops.logprobs_op, args)
 
 

@@ -14,9 +14,16 @@ from fused_gspo.triton_ops import TritonTileOps
 
 # N=3 tokens, H=2, V=5 in bf16: small enough to count every byte by hand
 SMALL = cost.Problem(tokens=3, hidden=2, vocab=5, dtype=torch.bfloat16)
-TRITON_GPU = chunk_format(TritonTileOps, torch.bfloat16, True, torch.bfloat16)
-TORCH_GPU = chunk_format(TorchTileOps, torch.bfloat16, True, torch.bfloat16)
-TRITON_CPU = chunk_format(TritonTileOps, torch.bfloat16, False, torch.bfloat16)
+# logits staged in fp32 (logits_dtype="float32")
+TRITON_GPU = chunk_format(TritonTileOps, torch.bfloat16, True, torch.bfloat16, "float32")
+TORCH_GPU = chunk_format(TorchTileOps, torch.bfloat16, True, torch.bfloat16, "float32")
+TRITON_CPU = chunk_format(TritonTileOps, torch.bfloat16, False, torch.bfloat16, "float32")
+# the default: logits staged in the 16-bit compute dtype, as TRL stages them
+TRITON_GPU_16 = chunk_format(TritonTileOps, torch.bfloat16, True, torch.bfloat16)
+TORCH_GPU_16 = chunk_format(TorchTileOps, torch.bfloat16, True, torch.bfloat16)
+TRITON_CPU_16 = chunk_format(TritonTileOps, torch.bfloat16, False, torch.bfloat16)
+# fp32 master weights under bf16 autocast: bf16 GEMMs, bf16 tile, fp32 inputs converted
+AUTOCAST_GPU = chunk_format(TritonTileOps, torch.bfloat16, True, torch.float32)
 
 
 def _by_name(stages):
@@ -24,13 +31,28 @@ def _by_name(stages):
 
 
 def test_chunk_formats_follow_backend_and_device():
-    # Triton on CUDA: fp32 tile, the 16-bit gradient written over it, bf16 GEMM operands
+    # Triton on CUDA, fp32 staging: fp32 tile, the 16-bit gradient written over it, bf16 GEMM operands
     assert (TRITON_GPU.grad_dtype, TRITON_GPU.operand_dtype, TRITON_GPU.temporaries) == (torch.bfloat16,) * 2 + (0,)
-    assert not TRITON_GPU.convert_grad and TRITON_GPU.fused_logprobs
-    # torch on CUDA: fp32 gradient cast for the GEMMs
-    assert TORCH_GPU.grad_dtype == torch.float32 and TORCH_GPU.convert_grad and not TORCH_GPU.fused_logprobs
+    assert TRITON_GPU.tile == torch.float32 and not TRITON_GPU.convert_grad and not TRITON_GPU.staged_16bit
+    # torch on CUDA, fp32 staging: fp32 gradient cast for the GEMMs
+    assert TORCH_GPU.grad_dtype == torch.float32 and TORCH_GPU.convert_grad
     # off CUDA the GEMMs run in fp32: the 16-bit gradient and the hidden rows are upcast
     assert TRITON_CPU.operand_dtype == torch.float32 and TRITON_CPU.convert_grad and TRITON_CPU.convert_hidden
+    # no format takes the fused no-grad kernel: its fp32 logits could not equal the training pass's bits
+    assert not any(f.fused_logprobs for f in (TRITON_GPU, TRITON_GPU_16, TORCH_GPU, TRITON_CPU_16))
+
+
+def test_16bit_staging_is_the_default_for_16bit_compute():
+    for fmt in (TRITON_GPU_16, TORCH_GPU_16, TRITON_CPU_16, AUTOCAST_GPU):
+        # the projection writes the bf16 tile itself and the gradient overwrites it in place
+        assert fmt.tile == fmt.projection == fmt.grad_dtype == torch.bfloat16 and fmt.staged_16bit
+        assert fmt.stats_dtype == torch.float32
+    assert TRITON_GPU_16.temporaries == 0 and TORCH_GPU_16.temporaries == 3  # the torch ops fold a float32 copy
+    assert not TRITON_GPU_16.convert_grad and TRITON_CPU_16.convert_grad  # CPU's gradient GEMMs take fp32 operands
+    assert AUTOCAST_GPU.convert_hidden and AUTOCAST_GPU.compute == torch.bfloat16
+    # fp32 and fp64 compute keep their own dtype whatever the option says
+    for dtype in (torch.float32, torch.float64):
+        assert chunk_format(TritonTileOps, dtype, True, dtype).tile == dtype
 
 
 def test_workspace_bytes_per_token_by_hand():
@@ -38,6 +60,50 @@ def test_workspace_bytes_per_token_by_hand():
     assert TRITON_GPU.bytes_per_token(V, H) == 4 * V  # the fp32 row; the gradient lives in its first half
     assert TORCH_GPU.bytes_per_token(V, H) == 4 * V * 3 + 2 * V  # tile + 2 temporaries + the bf16 cast
     assert TRITON_CPU.bytes_per_token(V, H) == 4 * V + 4 * V + 4 * H  # tile + fp32 gradient copy + fp32 hidden row
+    assert TRITON_GPU_16.bytes_per_token(V, H) == 2 * V  # the bf16 row, the gradient in place
+    assert TORCH_GPU_16.bytes_per_token(V, H) == 2 * V + 3 * 4 * V  # + three float32 temporaries
+    assert TRITON_CPU_16.bytes_per_token(V, H) == 2 * V + 4 * V + 4 * H  # + the fp32 gradient and hidden copies
+
+
+def test_16bit_stages_by_hand():
+    stages = _by_name(cost.chunk_stages(SMALL, TRITON_GPU_16, 3, "single_pass"))
+    # y[3, 5] = X[3, 2] @ W.T written in bf16; read once by the statistics, read and overwritten by the gradient
+    assert stages["projection"].bytes == (6 + 10) * 2 + 15 * 2
+    assert stages["statistics"].bytes == 15 * 2
+    assert stages["logits gradient"].bytes == 15 * (2 + 2)
+
+
+def test_one_chunk_schedule_writes_the_gradients_once():
+    """One chunk holding every token: dX and dW written straight in the inputs' dtype, no accumulator and no
+    gradient output pass; its forward alone has no gradient stages."""
+    h100 = get_profile("h100")
+    one = cost.schedule_cost(SMALL, TRITON_GPU_16, [3], "single_pass", "fwd_bwd", h100)
+    names = [r.name for r in one.totals]
+    assert "gradient output" not in names and "host" in names
+    stages = _by_name(one.phases[0][2])
+    assert stages["dW"].bytes == (15 + 6) * 2 + 10 * 2  # bf16 out, written once
+    assert stages["dX"].bytes == (15 + 10) * 2 + 6 * 2
+    forward = cost.schedule_cost(SMALL, TRITON_GPU_16, [3], "single_pass", "fwd", h100)
+    assert [r.name for r in forward.totals] == ["projection", "statistics", "objective", "finish", "host"]
+    # fp32 master weights: dW handed back in fp32, written once
+    autocast = cost.Problem(3, 2, 5, torch.bfloat16, output_dtype=torch.float32)
+    assert cost.grad_weight(autocast, AUTOCAST_GPU, 3, direct=True).bytes == (15 + 6) * 2 + 10 * 4
+    # several chunks keep the fp32 accumulator and its output pass
+    two = cost.schedule_cost(SMALL, TRITON_GPU_16, [2, 1], "single_pass", "fwd_bwd", h100)
+    assert "gradient output" in [r.name for r in two.totals]
+
+
+def test_host_wait_by_hand():
+    """The device idles once per host read, then only where the host launches slower than the device runs."""
+    h100 = get_profile("h100")
+    read, launch = h100.host_read_us * 1e-6, h100.host_launch_us * 1e-6
+    slow = cost.Stage("gemm", flops=742e12 * 1e-3, operands="bf16")  # 1 ms: hides every launch after it
+    tiny = cost.Stage("tiny", kernels=10)  # 10 kernels of 3 us each, launched every 20 us
+    alone = cost.host_wait([tiny], h100).host_seconds
+    # the last kernel ends one run after its launch, 10 launches in: idle = 10 launches + 1 run - 10 runs
+    assert alone == pytest.approx(cost.HOST_READS_PER_CALL * read + 10 * launch + 3e-6 - 10 * 3e-6)
+    behind = cost.host_wait([slow, tiny], h100).host_seconds
+    assert behind == pytest.approx(cost.HOST_READS_PER_CALL * read + launch)  # only the first launch waits
 
 
 def test_single_pass_chunk_stages_by_hand():
@@ -106,6 +172,10 @@ def test_peak_counts_workspace_accumulators_and_outputs():
     stats = 100 * 8 * 4
     peak = cost.peak_bytes(p, TRITON_GPU, 10, "single_pass", "fwd_bwd", weight_copy=False)
     assert peak == max(workspace + stats + accumulators, accumulators + outputs + stats)
+    # one chunk of every token: the tile lives until the backward writes the outputs; no accumulators
+    whole = 100 * TRITON_GPU_16.bytes_per_token(50, 8)
+    one_chunk = cost.peak_bytes(p, TRITON_GPU_16, 100, "single_pass", "fwd_bwd", weight_copy=False)
+    assert one_chunk == whole + stats + outputs
     # the no-grad fused kernel needs no workspace at all
     assert cost.peak_bytes(p, TRITON_GPU, 0, "fused", "logprobs", weight_copy=False) == stats
 

@@ -4,7 +4,7 @@ inputs."""
 
 import pytest
 import torch
-from conftest import backend_device, rel_err
+from conftest import backend_device, logits_staged_in, rel_err, workspace_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,8 +95,9 @@ def test_backend_matches_float64_reference(backend, dtype, tol, config, shape, s
     problem = draw_pairs(B, T, 6, V, seed, with_bias=seed % 2 == 0)
     rounded = {k: (v.to(dtype).double() if k in ("hidden", "weight", "bias") else v) for k, v in problem.items()}
     head = dict(final_logit_softcapping=softcap, temperature=0.9)
-    workspace = V * 4 * 3 * (2 * T * (1 + seed % 3))
-    ref, ref_grads = run(rounded, torch.float64, "eager", config, **head)
+    workspace = workspace_for(2 * T * (1 + seed % 3), backend, dtype, V, 6)  # whole pairs, one to three per chunk
+    with logits_staged_in(dtype if dtype != torch.float32 else None):  # bf16 inputs: logits staged in bf16, as TRL
+        ref, ref_grads = run(rounded, torch.float64, "eager", config, **head)
     out, grads = run(problem, dtype, backend, config, workspace_bytes=workspace, **head)
     tol = tol * _conditioning(config, ref)
     assert rel_err(out.loss.cpu(), ref.loss, floor=0.1) < tol

@@ -9,6 +9,7 @@ import inspect
 import typing
 
 import pytest
+import torch
 
 trl = pytest.importorskip("trl")
 
@@ -21,7 +22,13 @@ from trl_helpers import patched_fixture as patched_fixture  # noqa: E402
 
 import fused_gspo  # noqa: E402
 from fused_gspo.trl import FLAG, GFPOConfig, is_patched, patch_trl, unpatch_trl  # noqa: E402
-from fused_gspo.trl.config_field import FLAG_HELP, add_flag_field, has_flag_field, remove_flag_field  # noqa: E402
+from fused_gspo.trl.config_field import (  # noqa: E402
+    FLAG_HELP,
+    LOGITS_FIELD,
+    add_flag_field,
+    has_flag_field,
+    remove_flag_field,
+)
 
 
 def config_classes():
@@ -227,7 +234,7 @@ def test_plain_dataclass_gets_the_field_and_is_restored_exactly(scratch_classes,
     add_flag_field(cls)
     scratch_classes.append(cls)
     assert has_flag_field(cls)
-    assert [f.name for f in dataclasses.fields(cls)][-1] == FLAG
+    assert [f.name for f in dataclasses.fields(cls)][-2:] == [FLAG, LOGITS_FIELD]
     assert cls.__dict__["__annotations__"][FLAG] is bool and typing.get_type_hints(cls)[FLAG] is bool
     assert_same_snapshot(snapshot(Base), base_before)  # the base class is not touched
     assert (
@@ -275,11 +282,19 @@ def test_flag_takes_part_in_equality_repr_and_signature(scratch_classes, kind):
     scratch_classes.append(cls)
     on, off = cls(use_fused_gspo_loss=True), cls()
     assert on != off and on == cls(use_fused_gspo_loss=True) and off == cls()
-    assert repr(on).endswith(f"{FLAG}=True)") and repr(off).endswith(f"{FLAG}=False)")
+    assert repr(on).endswith(f"{FLAG}=True, {LOGITS_FIELD}='auto')")
+    assert repr(off).endswith(f"{FLAG}=False, {LOGITS_FIELD}='auto')")
     parameter = inspect.signature(cls).parameters[FLAG]
     assert parameter.default is False and parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    # the staging option: a field of its own, in equality, normalized and checked by name
+    staged = cls(use_fused_gspo_loss=True, fused_gspo_logits_dtype=torch.float32)
+    assert staged.fused_gspo_logits_dtype == "float32" and staged != on
+    assert inspect.signature(cls).parameters[LOGITS_FIELD].default == "auto"
+    with pytest.raises(ValueError, match=LOGITS_FIELD):
+        cls(fused_gspo_logits_dtype="bf16")
     remove_flag_field(cls)
     assert FLAG not in inspect.signature(cls).parameters and FLAG not in repr(cls())
+    assert LOGITS_FIELD not in inspect.signature(cls).parameters and LOGITS_FIELD not in repr(cls())
 
 
 def test_a_plain_subclass_of_a_dataclass_is_refused():

@@ -10,7 +10,9 @@ from .backends import BACKENDS, resolve_backend, tile_ops_for
 from .chunked import ChunkedHead, logprobs, weight_gather
 from .config import PolicyLossConfig, validate_workspace_bytes
 from .head import HeadParams, full_logprobs
-from .plan.runtime import plan_call
+from .parallel import dispatch as vocab_parallel
+from .parallel.placements import is_vocab_parallel
+from .plan.runtime import plan_call, run_planned
 from .policy import PolicyLossOutput, compute_policy_loss
 from .rows import cu_seqlens_from_position_ids
 from .validation import validate_logprob_inputs, validate_policy_inputs
@@ -21,6 +23,14 @@ def _resolve_config(config: PolicyLossConfig | None, overrides: dict) -> PolicyL
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
     config = config or PolicyLossConfig()
     return config.replace(**overrides) if overrides else config
+
+
+def _checked_head_options(temperature, logit_scale, softcap, logits_dtype) -> str:
+    """The head options checked as the loss's config checks them (by name); the normalized ``logits_dtype``."""
+    config = PolicyLossConfig(
+        temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=softcap, logits_dtype=logits_dtype
+    )
+    return config.logits_dtype
 
 
 def _through_module(head: nn.Module, fn, *args):
@@ -82,6 +92,9 @@ def fused_policy_loss(
         weight: ``[V, H]`` LM-head weight, or the LM-head module itself (``nn.Linear``-like: ``.weight``, optional
             ``.bias``). With the module, the loss runs inside its forward call, so a module sharded with FSDP2
             (``fully_shard``) is unsharded for it and its gradient reduce-scattered as for ``lm_head(hidden)``.
+            A DTensor weight sharded over the vocabulary (``Shard(0)`` on a 1-D mesh, tensor parallelism), or a
+            module holding one, runs vocabulary-parallel: :mod:`fused_gspo.parallel` (accepted layouts:
+            :mod:`fused_gspo.parallel.placements`).
         bias: optional ``[V]`` (None with a module).
         completion_ids: ``[B, T]`` integer token ids, in ``[0, V)`` where the mask is 1.
         advantages: ``[B]`` or ``[B, T]`` (per-token, e.g. GSPO-token); packed ``[S]`` or ``[N]``.
@@ -117,6 +130,14 @@ def fused_policy_loss(
         cu_seqlens=cu_seqlens,
         **({} if position_ids is None else {"position_ids": position_ids}),  # compiling only
     )
+    if is_vocab_parallel(weight):  # a head split over the vocabulary across ranks: this rank's part of the call
+        return vocab_parallel.run(
+            lambda h, w, b: fused_policy_loss(h, w, completion_ids, advantages, completion_mask,
+                                              **{**optional, "bias": b}, config=config, backend=backend),
+            hidden, weight, bias, backend=backend,
+            tokens={"completion_ids": completion_ids, "completion_mask": completion_mask, "cu_seqlens": cu_seqlens},
+            others={"advantages": advantages, **{k: v for k, v in optional.items() if k != "bias"}},
+        )  # fmt: skip
     if isinstance(weight, nn.Module):
         return _policy_loss_through_module(weight, hidden, (completion_ids, advantages, completion_mask), optional,
                                            config=config, backend=backend)  # fmt: skip
@@ -160,6 +181,7 @@ def fused_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     workspace_bytes: int | str = "auto",
+    logits_dtype: str | torch.dtype = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Differentiable log-probs of ``targets`` under ``softmax(head(hidden @ weight.T + bias))``, never holding
     the logits.
@@ -169,7 +191,20 @@ def fused_logprobs(
     Returns float32 log-probs shaped like ``targets`` (and the entropy, same shape, with ``return_entropy=True``);
     float64 inputs give float64. Gradients flow to ``hidden``, ``weight`` and ``bias`` from both outputs.
     ``workspace_bytes``: the chunked backends' scratch budget (``"auto"``: see ``docs/design.md``).
+    ``logits_dtype``: ``"auto"`` stages each chunk's logits in the GEMMs' dtype when it is 16-bit, as TRL does;
+    ``"float32"`` (or ``torch.float32``) keeps them in fp32 (:mod:`fused_gspo.precision`). Under ``torch.autocast``
+    the GEMMs run in the autocast dtype; the gradients come back in each input's own dtype.
+    A DTensor weight sharded over the vocabulary runs vocabulary-parallel (:mod:`fused_gspo.parallel`).
     """
+    if is_vocab_parallel(weight):
+        return vocab_parallel.run(
+            lambda h, w, b: fused_logprobs(
+                h, w, targets, bias=b, temperature=temperature, logit_scale=logit_scale,
+                final_logit_softcapping=final_logit_softcapping, return_entropy=return_entropy, backend=backend,
+                workspace_bytes=workspace_bytes, logits_dtype=logits_dtype,
+            ),
+            hidden, weight, bias, backend=backend, tokens={"targets": targets},
+        )  # fmt: skip
     if isinstance(weight, nn.Module):
         head_module = weight
 
@@ -178,15 +213,14 @@ def fused_logprobs(
             flat = fused_logprobs(
                 hidden_.reshape(-1, hidden_.shape[-1]), head_weight, targets.reshape(-1), bias=head_bias,
                 temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
-                return_entropy=True, backend=backend, workspace_bytes=workspace_bytes,
+                return_entropy=True, backend=backend, workspace_bytes=workspace_bytes, logits_dtype=logits_dtype,
             )  # fmt: skip
             # module hooks warn about views (not traced: dynamo has no _is_view)
             return flat if torch.compiler.is_compiling() else tuple(t.clone() if t._is_view() else t for t in flat)
 
         logp, entropy = (t.view(targets.shape) for t in _through_module(head_module, forward, hidden))
         return (logp, entropy) if return_entropy else logp
-    # Validated through the config so the head options get the same checks as in the loss
-    PolicyLossConfig(temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping)
+    logits_dtype = _checked_head_options(temperature, logit_scale, final_logit_softcapping, logits_dtype)
     validate_workspace_bytes(workspace_bytes)
     compiling = torch.compiler.is_compiling()
     validate_logprob_inputs(hidden=hidden, weight=weight, targets=targets, bias=bias, values=not compiling)
@@ -196,7 +230,9 @@ def fused_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
     if compiling:  # one custom operator for the compiler (the token ids are checked inside it)
-        logp, entropy = ops.logprobs_call(flat_hidden, weight, flat_targets, bias, head, backend, workspace_bytes)
+        logp, entropy = ops.logprobs_call(
+            flat_hidden, weight, flat_targets, bias, head, backend, workspace_bytes, logits_dtype
+        )
     elif backend == "eager":
         logp, entropy = full_logprobs(flat_hidden, weight, bias, flat_targets, head)
     else:
@@ -204,19 +240,26 @@ def fused_logprobs(
         grad_possible = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias)
         )
-        plan = plan_call(
-            flat_hidden,
-            weight,
-            bias,
-            tile_ops,
-            workspace_bytes=workspace_bytes,
-            coupling="global",
-            row_counts=None,
-            mode="fwd_bwd" if grad_possible else "logprobs",
-            softcap=final_logit_softcapping is not None,
-        )
-        call = ChunkedHead(head, tile_ops, tuple(plan.bounds), weight_gather.get())
-        stats = logprobs(flat_hidden, weight, bias, flat_targets, call, plan.strategy)
+
+        def plan_for(budget):
+            return plan_call(
+                flat_hidden,
+                weight,
+                bias,
+                tile_ops,
+                workspace_bytes=budget,
+                coupling="global",
+                row_counts=None,
+                mode="fwd_bwd" if grad_possible else "logprobs",
+                softcap=final_logit_softcapping is not None,
+                logits_dtype=logits_dtype,
+            )
+
+        def run(plan):
+            call = ChunkedHead(head, tile_ops, tuple(plan.bounds), weight_gather.get(), fmt=plan.fmt)
+            return logprobs(flat_hidden, weight, bias, flat_targets, call, plan.strategy)
+
+        stats = run_planned(run, plan_for(workspace_bytes), plan_for, flat_hidden.device)
         logp, entropy = stats.logp, stats.entropy
     logp, entropy = logp.view(shape), entropy.view(shape)
     return (logp, entropy) if return_entropy else logp
@@ -282,6 +325,7 @@ def fused_preference_loss(
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
     workspace_bytes: int | str = "auto",
+    logits_dtype: str | torch.dtype = "auto",
     config=None,
     backend: str = "auto",
     **config_overrides,
@@ -292,7 +336,8 @@ def fused_preference_loss(
     Args:
         hidden: ``[2B, T, H]`` in TRL's concatenated layout (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected;
             ``hidden[:, t]`` predicts ``completion_ids[:, t]``), or ``[n, H]``: the valid tokens only, row-major.
-        weight: ``[V, H]`` LM-head weight, or the LM-head module (run inside its forward: FSDP2-ready).
+        weight: ``[V, H]`` LM-head weight, or the LM-head module (run inside its forward: FSDP2-ready); a DTensor
+            sharded over the vocabulary runs vocabulary-parallel (:mod:`fused_gspo.parallel`).
         completion_ids / completion_mask: ``[2B, T]``. A row may have no valid token (its log-prob is 0, as in
             TRL) except where the loss would divide by zero (:func:`fused_gspo.preference.batch.check_empty_rows`).
         ref_chosen_logps / ref_rejected_logps: ``[B]`` reference sequence log-probs (DPO; from the dataset or
@@ -302,6 +347,7 @@ def fused_preference_loss(
         position_hidden: CPO's ``logits/*`` metrics average the logits at every position of the input:
             ``[2B, P, H]`` hidden states of all of them (default: ``hidden`` when it is ``[2B, T, H]``).
         temperature / logit_scale / final_logit_softcapping: the head transform, as in :func:`fused_logprobs`.
+        workspace_bytes / logits_dtype: the chunked backends' budget and logits staging, as in :func:`fused_logprobs`.
         config / config_overrides: a :class:`fused_gspo.preference.DPOLossConfig` (the default) or
             :class:`~fused_gspo.preference.CPOLossConfig`, and/or its fields as keywords.
 
@@ -312,8 +358,21 @@ def fused_preference_loss(
     from .preference.head import compute_preference_loss  # noqa: PLC0415
 
     config = _resolve_preference_config(config, config_overrides)
-    PolicyLossConfig(temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping)
+    logits_dtype = _checked_head_options(temperature, logit_scale, final_logit_softcapping, logits_dtype)
     validate_workspace_bytes(workspace_bytes)
+    if is_vocab_parallel(weight):
+        per_pair = dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, aux_loss=aux_loss,
+                        completion_lengths=completion_lengths)  # fmt: skip
+        return vocab_parallel.run(
+            lambda h, w, b, position_hidden: fused_preference_loss(
+                h, w, completion_ids, completion_mask, bias=b, position_hidden=position_hidden, **per_pair,
+                temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
+                workspace_bytes=workspace_bytes, logits_dtype=logits_dtype, config=config, backend=backend,
+            ),
+            hidden, weight, bias, backend=backend,
+            tokens={"completion_ids": completion_ids, "completion_mask": completion_mask}, others=per_pair,
+            extra_hidden={"position_hidden": position_hidden},
+        )  # fmt: skip
     options = dict(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
@@ -322,6 +381,7 @@ def fused_preference_loss(
         position_hidden=position_hidden,
         head=HeadParams(temperature, logit_scale, final_logit_softcapping),
         workspace_bytes=workspace_bytes,
+        logits_dtype=logits_dtype,
         config=config,
         backend=backend,
     )
@@ -353,6 +413,7 @@ def preference_reference_logps(
     final_logit_softcapping: float | None = None,
     backend: str = "auto",
     workspace_bytes: int | str = "auto",
+    logits_dtype: str | torch.dtype = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ref_chosen_logps, ref_rejected_logps)`` ``[B]``: the reference model's sequence log-probs as
     ``DPOTrainer`` reduces them (``ld_alpha``: LD-DPO's shared/tail form), from its hidden states ``[2B, T, H]`` (or
@@ -364,7 +425,7 @@ def preference_reference_logps(
         logp = fused_logprobs(
             hidden[valid] if hidden.dim() == 3 else hidden, weight, completion_ids[valid], bias=bias,
             temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
-            backend=backend, workspace_bytes=workspace_bytes,
+            backend=backend, workspace_bytes=workspace_bytes, logits_dtype=logits_dtype,
         )  # fmt: skip
         per_token = torch.zeros(valid.shape, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)
     return reference_logps(per_token, completion_mask, ld_alpha)
@@ -381,7 +442,7 @@ class FusedPreferenceLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        head_keys = ("temperature", "logit_scale", "final_logit_softcapping", "workspace_bytes")
+        head_keys = ("temperature", "logit_scale", "final_logit_softcapping", "workspace_bytes", "logits_dtype")
         self.head_options = {k: options.pop(k) for k in head_keys if k in options}
         self.config = _resolve_preference_config(config, options)
         self.backend = backend

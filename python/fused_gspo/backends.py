@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from .head import TorchTileOps
+from .parallel.context import active_shard
+from .parallel.tile_ops import VocabParallelTileOps
 
 BACKENDS = ("auto", "eager", "torch", "triton")
 
@@ -34,9 +36,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def tile_ops_for(backend: str):
-    """The :class:`fused_gspo.tile_ops.TileOps` of a resolved chunked backend (``"torch"`` or ``"triton"``)."""
+    """The :class:`fused_gspo.tile_ops.TileOps` of a resolved chunked backend (``"torch"`` or ``"triton"``); in a
+    vocabulary-parallel call, run on this rank's shard (:mod:`fused_gspo.parallel`)."""
     if backend == "torch":
-        return TorchTileOps
-    if backend == "triton":
-        return triton_tile_ops(required=True)
-    raise ValueError(f"backend {backend!r} has no tile ops (the chunked backends are 'torch' and 'triton')")
+        ops = TorchTileOps
+    elif backend == "triton":
+        ops = triton_tile_ops(required=True)
+    else:
+        raise ValueError(f"backend {backend!r} has no tile ops (the chunked backends are 'torch' and 'triton')")
+    shard = active_shard()
+    return ops if shard is None else VocabParallelTileOps(ops, shard)

@@ -27,8 +27,9 @@ from typing import Protocol
 import torch
 
 from .head import HeadParams, TokenStats
+from .plan.cost import ChunkFormat
 from .plan.runtime import chunk_format, operand_dtype
-from .tile_ops import TileOps, stats_dtype_for
+from .tile_ops import TileOps
 
 # A context manager factory ``gather(weight, bias)`` that the recomputing backward re-enters to get the head's full
 # weight back, for training setups that release it after the forward (the TRL adapter sets TRL's ZeRO-3 gather).
@@ -43,6 +44,8 @@ class ChunkedHead:
     ``bounds``: token ranges ``(start, stop)`` covering ``[0, N)`` in order (the planner's chunks).
     ``gather``: :data:`weight_gather`'s value when the call was made. ``extras``: compute the extra per-token
     statistics too (:class:`fused_gspo.head.TokenStats`; the preference losses read them), from the same read.
+    ``fmt``: the chunk format the plan was made for (``plan.fmt``: compute and staging dtypes, autocast included);
+    None: the inputs' promoted dtype, logits staged as ``"auto"`` stages them.
     """
 
     head: HeadParams
@@ -50,6 +53,13 @@ class ChunkedHead:
     bounds: tuple[tuple[int, int], ...]
     gather: Callable | None = None
     extras: bool = False
+    fmt: ChunkFormat | None = None
+
+    def format_for(self, hidden: torch.Tensor, weight: torch.Tensor) -> ChunkFormat:
+        if self.fmt is not None:
+            return self.fmt
+        compute = torch.promote_types(hidden.dtype, weight.dtype)
+        return chunk_format(self.ops, compute, hidden.device.type == "cuda", hidden.dtype)
 
     def statistics(self, tile: torch.Tensor, targets: torch.Tensor) -> TokenStats:
         if self.extras:
@@ -82,7 +92,9 @@ class ChunkObjective(Protocol):
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """``out = x @ weight.T + bias`` with ``out`` in the stats dtype, without rounding the product to bf16/fp16."""
+    """``out = x @ weight.T + bias`` into the tile ``out``: a GEMM writing the tile's dtype directly (a 16-bit staged
+    tile, as TRL's ``torch.mm(..., out=tile)``, or an fp32 one from fp32 operands), or fp32 out of 16-bit operands
+    without rounding the product first. The bias is added in the tile's dtype."""
     if out.dtype == x.dtype:
         torch.mm(x, weight.t(), out=out)
     else:
@@ -106,6 +118,16 @@ def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate
         torch.mm(a, b, out=out)
 
 
+def _matmul_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` handed back in ``dtype``, rounded once: the GEMM writes ``dtype`` itself (16-bit operands into a
+    16-bit or, on CUDA, an fp32 result) or, off CUDA, computes in the operands' fp32 and is cast."""
+    if a.dtype == dtype:
+        return torch.mm(a, b)
+    if a.is_cuda and dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=dtype)
+    return torch.mm(a, b).to(dtype)
+
+
 def _poisoned(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((n,), float("nan"), device=device, dtype=dtype)
 
@@ -121,25 +143,29 @@ def _check_bounds(bounds, n_tokens: int) -> None:
 
 
 class _Workspace:
-    """The tile buffer shared by the chunks (sized to the widest), and the GEMMs' operands."""
+    """The tile buffer shared by the chunks (sized to the widest, in the staging dtype), and the GEMMs' operands: the
+    inputs rounded to the compute dtype once (autocast's, or their promoted dtype), then held as each GEMM takes
+    them."""
 
     def __init__(self, hidden, weight, bias, call: ChunkedHead):
         _check_bounds(call.bounds, hidden.shape[0])
         self.hidden, self.bias, self.ops = hidden, bias, call.ops
-        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        self.fmt = chunk_format(call.ops, compute_dtype, hidden.device.type == "cuda", hidden.dtype)
-        self.stats_dtype = stats_dtype_for(compute_dtype)
+        self.fmt = fmt = call.format_for(hidden, weight)
+        self.stats_dtype = fmt.stats_dtype
         self.vocab = weight.shape[0]
         widest = max((stop - start for start, stop in call.bounds), default=0)
-        self.buffer = torch.empty(widest * self.vocab, device=hidden.device, dtype=self.stats_dtype)
-        self.weight_operand = weight.to(self.fmt.operand_dtype)  # a copy only for mixed dtypes or off CUDA
+        self.buffer = torch.empty(widest * self.vocab, device=hidden.device, dtype=fmt.tile)
+        rounded = weight.to(fmt.compute)  # a copy only under autocast or for mixed dtypes
+        self.projection_weight = rounded.to(fmt.projection)
+        self.weight_operand = rounded.to(fmt.operand_dtype)  # off CUDA: an fp32 copy for the gradient GEMMs
 
     def project(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chunk's ``[n, V]`` projection tile, and its hidden rows in the GEMMs' operand dtype."""
+        """The chunk's ``[n, V]`` projection tile, and its hidden rows in the gradient GEMMs' operand dtype."""
         n = stop - start
         tile = self.buffer[: n * self.vocab].view(n, self.vocab)
-        x = self.hidden[start:stop].to(self.fmt.operand_dtype)
-        return _project(x, self.weight_operand, self.bias, tile), x
+        rounded = self.hidden[start:stop].to(self.fmt.compute)
+        _project(rounded.to(self.fmt.projection), self.projection_weight, self.bias, tile)
+        return tile, rounded.to(self.fmt.operand_dtype)
 
 
 class _GradAccumulators:
@@ -151,6 +177,8 @@ class _GradAccumulators:
         self.weight_operand = workspace.weight_operand
         acc = torch.promote_types(torch.float32, self.operand_dtype)
         self.scale_cast = getattr(workspace.ops, "scale_cast", None)
+        # a vocabulary-parallel call's partial dX, summed over the ranks in fp32 before the cast (fused_gspo.parallel)
+        self.reduce_hidden_grad = getattr(workspace.ops, "reduce_hidden_grad", None)
         # dW and db are written by the first chunk and summed into by the others (no zero fill: 4VH bytes saved)
         self.dx = torch.empty(hidden.shape, device=hidden.device, dtype=acc) if needs[0] else None
         self.dw = torch.empty(weight.shape, device=weight.device, dtype=acc) if needs[1] else None
@@ -179,6 +207,8 @@ class _GradAccumulators:
             for acc in (self.dw, self.db):
                 if acc is not None:
                     acc.zero_()
+        if self.dx is not None and self.reduce_hidden_grad is not None:
+            self.reduce_hidden_grad(self.dx)
         out = []
         for acc, ref in ((self.dx, self.hidden), (self.dw, self.weight), (self.db, self.bias)):
             if acc is None:
@@ -192,6 +222,58 @@ class _GradAccumulators:
             else:
                 out.append(torch.mul(acc, scale, out=torch.empty_like(acc, dtype=ref.dtype)))
         return out
+
+
+class _OneChunk:
+    """The one-chunk schedule between its forward and backward: a single pass whose one chunk holds every token keeps
+    its staged tile, and the backward forms ``G = dL/dy`` from it with the incoming gradient read on the device,
+    then writes ``dX = G @ W`` and ``dW = G.T @ X`` once, straight in the inputs' dtypes. No fp32 accumulator, no
+    read-modify-write of ``dW``, no scale-and-cast pass: still ``6NHV``, nothing recomputed."""
+
+    def __init__(self, workspace: _Workspace, tile, x, targets, chunk: TokenStats, grads, call, weight, needs):
+        self.workspace, self.tile, self.x, self.targets, self.chunk = workspace, tile, x, targets, chunk
+        self.grad_logp, self.grad_entropy = grads
+        self.call, self.weight, self.needs = call, weight, needs
+
+    def results(self, scale: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """``[dX, dW, db]`` in the inputs' dtypes for an incoming gradient ``scale`` (a device scalar)."""
+        if self.workspace is None:
+            raise RuntimeError("backward ran twice through a fused single pass: retain_graph=True is not supported")
+        ws, fmt = self.workspace, self.workspace.fmt
+        hidden, weight, bias = ws.hidden, self.weight, ws.bias
+        scale = None if scale is None else scale.to(device=self.tile.device, dtype=fmt.stats_dtype)
+        grads = [g if (g is None or scale is None) else g * scale for g in (self.grad_logp, self.grad_entropy)]
+        out: list[torch.Tensor | None] = [None, None, None]
+        wanted = [self.needs[0], self.needs[1], bias is not None and self.needs[2]]
+        if grads[0] is None and grads[1] is None:  # the loss has no head term: zeros
+            for i, ref in enumerate((hidden, weight, bias)):
+                out[i] = torch.zeros_like(ref) if wanted[i] else None
+        else:
+            g = self.call.ops.backward_(
+                self.tile, self.targets, self.chunk.lse, self.chunk.entropy, *grads, self.call.head, fmt.grad_dtype
+            ).to(fmt.operand_dtype)
+            reduce = getattr(ws.ops, "reduce_hidden_grad", None)
+            if wanted[0] and reduce is not None:  # a vocabulary shard's partial dX: summed over the ranks in fp32 first
+                dx = _matmul_as(g, ws.weight_operand, torch.promote_types(torch.float32, g.dtype))
+                reduce(dx)
+                out[0] = dx.to(hidden.dtype)
+            elif wanted[0]:
+                out[0] = _matmul_as(g, ws.weight_operand, hidden.dtype)
+            if wanted[1]:
+                out[1] = _matmul_as(g.t(), self.x, weight.dtype)
+            if wanted[2]:
+                out[2] = g.sum(0, dtype=torch.promote_types(torch.float32, g.dtype)).to(bias.dtype)
+        self.workspace = self.tile = self.x = None  # the tile goes as soon as the gradients exist
+        return out
+
+
+def _autocast_off(device: torch.device):
+    """The driver's GEMMs run in the dtypes its chunk format names; the caller's autocast already decided those."""
+    return (
+        torch.autocast(device.type, enabled=False)
+        if device.type in ("cpu", "cuda", "xpu")
+        else contextlib.nullcontext()
+    )
 
 
 def score(hidden, weight, bias, targets, call: ChunkedHead) -> TokenStats:
@@ -212,6 +294,7 @@ def recompute_grads(hidden, weight, bias, targets, call: ChunkedHead, lse, entro
         acc = _GradAccumulators(hidden, weight, bias, needs, workspace)
         if acc.dx is not None and not call.bounds:
             acc.dx.zero_()
+        stats_dtype = workspace.stats_dtype
         for start, stop in call.bounds:
             tile, x = workspace.project(start, stop)
             grad_y = call.ops.backward_(
@@ -219,8 +302,8 @@ def recompute_grads(hidden, weight, bias, targets, call: ChunkedHead, lse, entro
                 targets[start:stop],
                 lse[start:stop],
                 entropy[start:stop],
-                None if grad_logp is None else grad_logp[start:stop].to(tile.dtype),
-                None if grad_entropy is None else grad_entropy[start:stop].to(tile.dtype),
+                None if grad_logp is None else grad_logp[start:stop].to(stats_dtype),
+                None if grad_entropy is None else grad_entropy[start:stop].to(stats_dtype),
                 call.head,
                 workspace.fmt.grad_dtype,
             )
@@ -229,12 +312,21 @@ def recompute_grads(hidden, weight, bias, targets, call: ChunkedHead, lse, entro
 
 
 def single_pass(hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective, needs):
-    """``(loss, stats, accumulators)`` with the gradient formed chunk by chunk (``6NHV``); ``stats`` every token's
-    :class:`TokenStats`. ``call.bounds`` must only cut where the objective's gradient does not reach across (the
-    planner's job)."""
+    """``(loss, stats, gradients)`` with the gradient formed chunk by chunk (``6NHV``); ``stats`` every token's
+    :class:`TokenStats`, ``gradients`` an object whose ``results(scale)`` hands ``[dX, dW, db]`` back. One chunk over
+    the whole batch is :class:`_OneChunk` (its gradient formed in the backward); several accumulate in fp32 as they
+    go. ``call.bounds`` must only cut where the objective's gradient does not reach across (the planner's job)."""
     workspace = _Workspace(hidden, weight, bias, call)
-    acc = _GradAccumulators(hidden, weight, bias, needs, workspace)
     stats = TokenStats.poisoned(hidden.shape[0], hidden.device, workspace.stats_dtype, call.extras)
+    if len(call.bounds) == 1 and (needs[0] or needs[1]):
+        start, stop = call.bounds[0]
+        tile, x = workspace.project(start, stop)
+        chunk = call.statistics(tile, targets[start:stop])
+        stats.assign(start, stop, chunk)
+        grads = objective.grad(start, stop, chunk)
+        state = _OneChunk(workspace, tile, x, targets[start:stop], chunk, grads, call, weight, needs)
+        return objective.finish(stats), stats, state
+    acc = _GradAccumulators(hidden, weight, bias, needs, workspace)
     if acc.dx is not None and not call.bounds:
         acc.dx.zero_()
     for start, stop in call.bounds:
@@ -264,7 +356,8 @@ class LogProbFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead):
         ctx.set_materialize_grads(False)
         ctx.call = call
-        stats = score(hidden, weight, bias, targets, call)
+        with _autocast_off(hidden.device):
+            stats = score(hidden, weight, bias, targets, call)
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, stats.entropy)
         extras = (stats.log_sum_sq_probs, stats.mean_logit, stats.is_top1)
         if call.extras:
@@ -277,29 +370,36 @@ class LogProbFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
         needs = ctx.needs_input_grad[:3]
-        acc = recompute_grads(hidden, weight, bias, targets, ctx.call, lse, entropy, grad_logp, grad_entropy, needs)
-        dx, dw, db = acc.results()
+        with _autocast_off(hidden.device):
+            acc = recompute_grads(hidden, weight, bias, targets, ctx.call, lse, entropy, grad_logp, grad_entropy, needs)
+            dx, dw, db = acc.results()
         return dx, dw, db, None, None
 
 
 class SinglePassFunction(torch.autograd.Function):
     """``(loss, logp [N], entropy [N]) = f(hidden, weight, bias, targets, call, objective, *objective.inputs)``:
-    :func:`single_pass` forward; backward scales the saved gradients (and the objective's ``input_grads``) by the
-    incoming ``dL``."""
+    :func:`single_pass` forward; backward hands back the gradients for the incoming ``dL`` (formed then, for one
+    chunk), and the objective's ``input_grads`` times ``dL``."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective, *inputs):
         ctx.set_materialize_grads(False)
-        loss, stats, ctx.acc = single_pass(hidden, weight, bias, targets, call, objective, ctx.needs_input_grad[:3])
+        with _autocast_off(hidden.device):
+            loss, stats, ctx.acc = single_pass(hidden, weight, bias, targets, call, objective, ctx.needs_input_grad[:3])
         ctx.input_grads = tuple(objective.input_grads) if inputs else ()
+        ctx.num_inputs = len(inputs)
+        ctx.device = hidden.device
         ctx.mark_non_differentiable(stats.logp, stats.entropy)
         return loss, stats.logp, stats.entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
-            return (None,) * (6 + len(ctx.input_grads))
-        dx, dw, db = ctx.acc.results(scale=grad_loss)
+            return (None,) * (6 + ctx.num_inputs)
+        if ctx.acc is None:
+            raise RuntimeError("backward ran twice through a fused single pass: retain_graph=True is not supported")
+        with _autocast_off(ctx.device):
+            dx, dw, db = ctx.acc.results(scale=grad_loss)
         inputs = tuple(None if g is None else g * grad_loss for g in ctx.input_grads)
         ctx.acc = ctx.input_grads = None
         return dx, dw, db, None, None, None, *inputs

@@ -13,6 +13,8 @@ import numbers
 import warnings
 from dataclasses import dataclass
 
+from .precision import normalize_logits_dtype
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo", "gmpo", "rloo")
 LEVELS = ("token", "sequence", "sequence_token")
 # Loss types whose aggregation is TRL's "clipped surrogate" family (they log clip_ratio/*)
@@ -30,6 +32,9 @@ class PolicyLossConfig:
     ``workspace_bytes`` bounds the chunked backends' scratch memory (the logits of one chunk of tokens): an int, or
     ``"auto"`` (512 MiB on CPU; on a GPU what the cost model finds worth having within a share of the free memory,
     see ``docs/design.md``, "The default budget"). An explicit budget is always obeyed.
+    ``logits_dtype``: how each chunk's logits are staged. ``"auto"``: in the GEMMs' dtype when it is 16-bit (bf16/fp16
+    inputs, or under ``torch.autocast``), as TRL stages them; ``"float32"`` (``torch.float32`` is accepted): in fp32,
+    for more precision than TRL keeps (:mod:`fused_gspo.precision`).
     """
 
     loss_type: str = "dapo"
@@ -56,8 +61,10 @@ class PolicyLossConfig:
     steps_per_generation: int | None = None
     num_processes: int = 1
     workspace_bytes: int | str = "auto"
+    logits_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        self.logits_dtype = normalize_logits_dtype(self.logits_dtype)
         self.validate()
 
     @property
@@ -121,6 +128,7 @@ class PolicyLossConfig:
                 f"steps_per_generation must be a positive integer or None, got {self.steps_per_generation!r}"
             )
         validate_workspace_bytes(self.workspace_bytes)
+        normalize_logits_dtype(self.logits_dtype)
 
         # Objectives whose trainers (GMPOTrainer, RLOOTrainer) do not implement an option: refuse rather than ignore.
         if self.loss_type == "gmpo":

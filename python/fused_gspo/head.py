@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .precision import HALF_DTYPES, compute_dtype, stats_dtype_for
+
 
 @dataclass(frozen=True)
 class HeadParams:
@@ -74,18 +76,29 @@ def _slice(x, start, stop):
     return None if x is None else x[start:stop]
 
 
+def _full_projection(hidden, weight, bias, compute: torch.dtype | None) -> torch.Tensor:
+    """``hidden @ weight.T + bias`` as a model's own ``lm_head`` gives it: in the compute dtype (the inputs', or
+    autocast's: :func:`fused_gspo.precision.compute_dtype`), the bias added in that dtype."""
+    compute = compute_dtype(hidden, weight) if compute is None else compute
+    y = hidden.to(compute) @ weight.to(compute).t()
+    return y if bias is None else y + bias.to(compute)
+
+
 def full_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, head: HeadParams
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    head: HeadParams,
+    compute: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``targets`` and entropy from fully materialized logits (differentiable; the eager path).
 
-    ``hidden``: ``[..., H]``; ``weight``: ``[V, H]``; ``targets``: ``[...]``. The projection runs in the inputs'
-    dtype, the softmax in float32 (float64 for float64 inputs). Returns two tensors shaped like ``targets``.
+    ``hidden``: ``[..., H]``; ``weight``: ``[V, H]``; ``targets``: ``[...]``. The projection runs in ``compute``
+    (default: the inputs' dtype, or autocast's), the softmax in float32 (float64 for float64 inputs). Returns two
+    tensors shaped like ``targets``.
     """
-    compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    y = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()
-    if bias is not None:
-        y = y + bias
+    y = _full_projection(hidden, weight, bias, compute)
     stats_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     z = head.transform(y.to(stats_dtype))
     logp_all = torch.log_softmax(z, dim=-1)
@@ -101,11 +114,7 @@ def full_statistics(
     one materialized projection: the eager path of the preference losses."""
     logp, entropy = full_logprobs(hidden, weight, bias, targets, head)
     with torch.no_grad():
-        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        y = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()
-        if bias is not None:
-            y = y + bias
-        extras = TorchTileOps.statistics(y.to(logp.dtype), targets, head)
+        extras = TorchTileOps.statistics(_full_projection(hidden, weight, bias, None).to(logp.dtype), targets, head)
     return TokenStats(logp, entropy, extras.lse, extras.log_sum_sq_probs, extras.mean_logit, extras.is_top1)
 
 
@@ -113,17 +122,21 @@ class TorchTileOps:
     """Chunk statistics and logits gradient in plain PyTorch: the ``"torch"`` backend's
     :class:`fused_gspo.tile_ops.TileOps`.
 
-    Written in place where it can, so that next to the ``[n, V]`` tile they hold at most ``temporaries`` more. The
-    gradient stays in the tile's dtype; the driver casts it for 16-bit GEMMs.
+    Written in place where it can, so that next to the ``[n, V]`` tile they hold at most ``temporaries`` more
+    (``half_tile_temporaries`` for a 16-bit tile, which they read into a float32 copy first). The gradient stays in
+    the tile's dtype; the driver casts it for the GEMMs where needed.
     """
 
     name = "torch"
-    # [n, V] buffers these ops allocate next to the tile, for sizing chunks within the workspace
+    # [n, V] stats-dtype buffers these ops allocate next to the tile, for sizing chunks within the workspace
     temporaries = 2
+    half_tile_temporaries = 3
 
     @staticmethod
-    def grad_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-        return torch.float64 if compute_dtype == torch.float64 else torch.float32
+    def grad_dtype(compute_dtype: torch.dtype, tile_dtype: torch.dtype | None = None) -> torch.dtype:
+        if tile_dtype in HALF_DTYPES:
+            return tile_dtype
+        return stats_dtype_for(compute_dtype)
 
     @staticmethod
     def forward(y: torch.Tensor, targets: torch.Tensor, head: HeadParams):
@@ -138,6 +151,7 @@ class TorchTileOps:
 
     @staticmethod
     def _stats(y, targets, head: HeadParams, extras: bool) -> TokenStats:
+        y = y.to(stats_dtype_for(y.dtype))  # a 16-bit tile is folded in float32 (one copy)
         shifted = head.transform(y)  # a new tensor unless the transform is the identity
         m = shifted.amax(-1, keepdim=True)
         shifted = shifted.sub_(m) if shifted is not y else shifted - m  # z - max <= 0
@@ -157,10 +171,15 @@ class TorchTileOps:
 
     @staticmethod
     def backward_(y, targets, lse, entropy, grad_logp, grad_entropy, head: HeadParams, grad_dtype=None) -> torch.Tensor:
-        """Overwrite ``y`` with ``dL/dy`` (in ``y``'s dtype, the only ``grad_dtype`` these ops write).
-        ``grad_logp``/``grad_entropy``: ``[n]`` or None (no such term)."""
+        """Overwrite ``y`` with ``dL/dy`` (in ``y``'s dtype, the only ``grad_dtype`` these ops write; a 16-bit tile
+        is worked on in a float32 copy and rounded once). ``grad_logp``/``grad_entropy``: ``[n]`` or None (no such
+        term). ``targets`` outside ``[0, V)`` select no column."""
         if grad_dtype is not None and grad_dtype != y.dtype:
             raise ValueError(f"TorchTileOps writes the gradient in the tile's dtype {y.dtype}, not {grad_dtype}")
+        if y.dtype in HALF_DTYPES:
+            work = y.float()
+            TorchTileOps.backward_(work, targets, lse, entropy, grad_logp, grad_entropy, head)
+            return y.copy_(work)
         # z = transform(y), rounded exactly as in forward (so a one-token vocabulary gives log p = 0 exactly)
         t = None
         y.mul_(head.logit_scale)
@@ -175,9 +194,11 @@ class TorchTileOps:
         else:
             log_p.zero_()
         if grad_logp is not None:
-            # dlogp_target/dz_j = 1[j = target] - p_j
+            # dlogp_target/dz_j = 1[j = target] - p_j; a target outside [0, V) selects no column (a vocabulary shard
+            # that does not hold it: fused_gspo.parallel)
             log_p.sub_(p.mul_(grad_logp.unsqueeze(-1)))
-            log_p.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1))
+            held = (targets >= 0) & (targets < y.shape[-1])
+            log_p.scatter_add_(-1, targets.clamp(0, y.shape[-1] - 1).unsqueeze(-1), (grad_logp * held).unsqueeze(-1))
         grad = log_p
         grad.mul_(1.0 / head.temperature)
         if t is not None:

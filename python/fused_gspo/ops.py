@@ -35,6 +35,7 @@ from .config import PolicyLossConfig
 from .head import HeadParams, full_logprobs
 from .objectives import metric_names
 from .plan.runtime import plan_call
+from .precision import compute_dtype
 from .rows import cu_seqlens_from_position_ids
 from .tile_ops import stats_dtype_for
 from .validation import validate_logprob_inputs
@@ -115,7 +116,7 @@ _GRAD_INPUTS = ("hidden", "weight", "bias", "advantages", "completion_mask", "ol
                 "sampling_logps", "importance_sampling_ratio")  # fmt: skip
 _ARG_POSITION = dict(hidden=0, weight=1, bias=2, advantages=4, completion_mask=5, old_logps=6, ref_logps=7,
                      sampling_logps=8, importance_sampling_ratio=9)  # fmt: skip
-_NUM_ARGS = 17
+_NUM_ARGS = 18
 
 
 @torch.library.custom_op("fused_gspo::policy_loss", mutates_args=())
@@ -137,6 +138,7 @@ def policy_loss_op(
     config_numbers: Tensor,
     backend: str,
     needs: list[bool],
+    compute_dtype: torch.dtype,
 ) -> tuple[
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -161,6 +163,7 @@ def policy_loss_op(
             num_items_in_batch=num_items_in_batch,
             cu_seqlens=cu_seqlens,
             backend=backend,
+            compute_dtype=compute_dtype,
             **tensors,
         )
         grad_of = [leaf for leaf, n in zip(leaves, needs, strict=True) if leaf is not None and n]
@@ -188,7 +191,7 @@ def policy_loss_op(
 
 @policy_loss_op.register_fake
 def _(hidden, weight, bias, completion_ids, advantages, completion_mask, *rest):
-    config, needs = rest[-4], rest[-1]
+    config, needs = rest[-5], rest[-2]
     stats = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     scalar = hidden.new_empty((), dtype=stats)
     per_token = completion_mask.new_empty(completion_mask.shape, dtype=stats)
@@ -208,7 +211,7 @@ def _(hidden, weight, bias, completion_ids, advantages, completion_mask, *rest):
 
 
 def _policy_loss_setup(ctx, inputs, output):
-    ctx.needs = inputs[-1]
+    ctx.needs = inputs[-2]
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[6:])
 
@@ -232,7 +235,8 @@ policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_lo
 _AUTO_WORKSPACE = 0
 
 
-def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs):
+def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs, precision):
+    """The chunked head's call for these options; ``precision``: ``(compute_dtype, logits_dtype)``."""
     ops = tile_ops_for(backend)
     plan = plan_call(
         hidden,
@@ -245,9 +249,11 @@ def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend,
         mode=mode,
         softcap=softcap is not None,
         needs=tuple(needs),
+        compute_dtype=precision[0],
+        logits_dtype=precision[1],
     )
     head = HeadParams(temperature, logit_scale, softcap)
-    return ChunkedHead(head, ops, tuple(plan.bounds)), plan.strategy
+    return ChunkedHead(head, ops, tuple(plan.bounds), fmt=plan.fmt), plan.strategy
 
 
 @torch.library.custom_op("fused_gspo::logprobs", mutates_args=())
@@ -262,16 +268,20 @@ def logprobs_op(
     backend: str,
     workspace: int,
     needs: list[bool],
+    compute_dtype: torch.dtype,
+    logits_dtype: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(logp, entropy, lse)`` ``[N]`` of ``targets`` (``hidden [N, H]``), for a backward that recomputes."""
     validate_logprob_inputs(hidden=hidden, weight=weight, targets=targets, bias=bias)
     if backend == "eager":
-        logp, entropy = full_logprobs(hidden, weight, bias, targets, HeadParams(temperature, logit_scale, softcap))
+        head = HeadParams(temperature, logit_scale, softcap)
+        logp, entropy = full_logprobs(hidden, weight, bias, targets, head, compute_dtype)
         return logp, entropy, torch.zeros_like(logp)
     mode = "fwd_bwd" if any(needs) else "logprobs"
     call, strategy = _head_call(
-        hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs
-    )
+        hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs,
+        (compute_dtype, logits_dtype),
+    )  # fmt: skip
     if strategy == "fused":
         logp, entropy, lse = call.ops.fused_logprobs(hidden, weight, bias, targets, call.head)
         return logp, entropy, lse
@@ -304,6 +314,8 @@ def logprobs_backward_op(
     backend: str,
     workspace: int,
     needs: list[bool],
+    compute_dtype: torch.dtype,
+    logits_dtype: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_hidden, d_weight, d_bias)`` of ``fused_gspo::logprobs`` (empty where not in ``needs``)."""
     stats = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
@@ -314,15 +326,16 @@ def logprobs_backward_op(
                 for t, n in zip((hidden, weight, bias), needs, strict=True)
             ]
             head = HeadParams(temperature, logit_scale, softcap)
-            logp, ent = full_logprobs(leaves[0], leaves[1], leaves[2], targets, head)
+            logp, ent = full_logprobs(leaves[0], leaves[1], leaves[2], targets, head, compute_dtype)
             grad_of = [leaf for leaf, n in zip(leaves, needs, strict=True) if leaf is not None and n]
             grads = list(torch.autograd.grad((logp * grad_logp).sum() + (ent * grad_entropy).sum(), grad_of))
         wanted = zip((hidden, weight, bias), needs, strict=True)
         results = [grads.pop(0) if (t is not None and n) else None for t, n in wanted]
     else:
         call, _ = _head_call(
-            hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, "fwd_bwd", needs
-        )
+            hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, "fwd_bwd", needs,
+            (compute_dtype, logits_dtype),
+        )  # fmt: skip
         acc = recompute_grads(hidden, weight, bias, targets, call, lse, entropy, grad_logp, grad_entropy, needs)
         results = acc.results()
     return tuple(_empty(hidden, stats) if r is None else r for r in results)
@@ -330,7 +343,7 @@ def logprobs_backward_op(
 
 @logprobs_backward_op.register_fake
 def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *rest):
-    needs = rest[-1]
+    needs = rest[-3]
     stats = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     return tuple(
         t.new_empty(t.shape) if (t is not None and n) else hidden.new_empty((0,), dtype=stats)
@@ -353,12 +366,12 @@ def _logprobs_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     bias = bias if ctx.has_bias else None
     grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp
     grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
-    needs = ctx.options[-1]
+    needs = ctx.options[-3]
     dx, dw, db = logprobs_backward_op(
         hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *ctx.options
     )
     grads = [g if n else None for g, n in zip((dx, dw, db), needs, strict=True)]
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
@@ -394,6 +407,7 @@ def policy_loss_call(
         *config_args(config),
         resolve_backend(backend, hidden.device),
         needs,
+        compute_dtype(hidden, weight),
     )
     names = metric_names(config)
     return PolicyLossOutput(
@@ -406,7 +420,7 @@ def policy_loss_call(
     )
 
 
-def logprobs_call(hidden, weight, targets, bias, head: HeadParams, backend: str, workspace_bytes):
+def logprobs_call(hidden, weight, targets, bias, head: HeadParams, backend: str, workspace_bytes, logits_dtype="auto"):
     """``fused_logprobs`` through :func:`logprobs_op`: ``(logp, entropy)`` ``[N]``."""
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
@@ -422,6 +436,8 @@ def logprobs_call(hidden, weight, targets, bias, head: HeadParams, backend: str,
         # an int argument, which may be symbolic under torch.compile (dynamic=True), as text cannot
         _AUTO_WORKSPACE if isinstance(workspace_bytes, str) else workspace_bytes,
         needs,
+        compute_dtype(hidden, weight),
+        logits_dtype,
     )
     return logp, entropy
 

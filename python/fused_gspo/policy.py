@@ -25,7 +25,8 @@ from .config import PolicyLossConfig
 from .head import HeadParams, TokenStats, full_logprobs
 from .host_values import valid_positions
 from .objectives import Normalizers, PolicyBatch, evaluate, gradient_coupling, policy_metrics, policy_objective
-from .plan.runtime import plan_call
+from .plan.planner import ChunkPlan
+from .plan.runtime import plan_call, run_planned
 from .rows import PackedRows, PaddedRows
 from .tile_ops import stats_dtype_for
 from .validation import validate_policy_inputs
@@ -174,8 +175,11 @@ def compute_policy_loss(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     cross_process: CrossProcess | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> PolicyLossOutput:
-    """:func:`fused_gspo.fused_policy_loss` with a resolved ``config`` and optional :class:`CrossProcess` hooks."""
+    """:func:`fused_gspo.fused_policy_loss` with a resolved ``config`` and optional :class:`CrossProcess` hooks.
+    ``compute_dtype``: the head GEMMs' dtype (default: :func:`fused_gspo.precision.compute_dtype`, autocast
+    included; the compiled path hands in what it saw when traced)."""
     cfg = config
     hooks = cross_process or CrossProcess()
     counts = validate_policy_inputs(
@@ -216,43 +220,51 @@ def compute_policy_loss(
 
     if backend == "eager":
         if hidden.dim() == 3:  # the eager contender projects every position, as a plain LM head would
-            logp, entropy = full_logprobs(hidden, weight, bias, completion_ids.masked_fill(~valid, 0).long(), head)
+            ids = completion_ids.masked_fill(~valid, 0).long()
+            logp, entropy = full_logprobs(hidden, weight, bias, ids, head, compute_dtype)
             zero = logp.new_zeros(())
             logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
         else:
-            logp, entropy = (layout.scatter(v) for v in full_logprobs(x, weight, bias, targets, head))
+            logp, entropy = (layout.scatter(v) for v in full_logprobs(x, weight, bias, targets, head, compute_dtype))
         return _evaluated(logp, entropy, batch, cfg, num_items, hooks, counts.valid_tokens)
 
     ops = tile_ops_for(backend)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     coupling = gradient_coupling(cfg, batch) if wants_grad else "global"
-    plan = plan_call(
-        x,
-        weight,
-        bias,
-        ops,
-        workspace_bytes=cfg.workspace_bytes,
-        coupling=coupling,
-        row_counts=layout.row_counts() if coupling == "sequence" else None,
-        mode="fwd_bwd" if wants_grad else "logprobs",
-        softcap=cfg.final_logit_softcapping is not None,
-    )
-    call = ChunkedHead(head, ops, tuple(plan.bounds), weight_gather.get())
-    if plan.strategy != "single_pass":  # score every token, then the objective; autograd recomputes for the gradient
-        stats = logprobs(x, weight, bias, targets, call, plan.strategy)
-        logp, entropy = stats.logp, stats.entropy
-        return _evaluated(
-            layout.scatter(logp), layout.scatter(entropy), batch, cfg, num_items, hooks, counts.valid_tokens
+
+    def plan_for(workspace_bytes) -> ChunkPlan:
+        return plan_call(
+            x,
+            weight,
+            bias,
+            ops,
+            workspace_bytes=workspace_bytes,
+            coupling=coupling,
+            row_counts=layout.row_counts() if coupling == "sequence" else None,
+            mode="fwd_bwd" if wants_grad else "logprobs",
+            softcap=cfg.final_logit_softcapping is not None,
+            compute_dtype=compute_dtype,
+            logits_dtype=cfg.logits_dtype,
         )
 
-    norms = Normalizers.of(batch, cfg, num_items, valid_tokens=counts.valid_tokens)
-    objective = PolicyChunkObjective(layout, batch, cfg, norms)
-    loss, _, _ = SinglePassFunction.apply(x, weight, bias, targets, call, objective, *objective.inputs)
-    # a single pass never masks by the entropy quantile (that coupling is global), so gather_values is not needed
-    metrics = policy_metrics(objective.terms, objective.entropy, batch, cfg, **hooks.metric_hooks())
-    return PolicyLossOutput(
-        loss, metrics, objective.logps.float(), objective.entropy.float(), objective.terms.policy_loss.detach()
-    )
+    def run(plan: ChunkPlan) -> PolicyLossOutput:
+        call = ChunkedHead(head, ops, tuple(plan.bounds), weight_gather.get(), fmt=plan.fmt)
+        if plan.strategy != "single_pass":  # every token scored, then the objective; the backward recomputes
+            stats = logprobs(x, weight, bias, targets, call, plan.strategy)
+            logp, entropy = stats.logp, stats.entropy
+            return _evaluated(
+                layout.scatter(logp), layout.scatter(entropy), batch, cfg, num_items, hooks, counts.valid_tokens
+            )
+        norms = Normalizers.of(batch, cfg, num_items, valid_tokens=counts.valid_tokens)
+        objective = PolicyChunkObjective(layout, batch, cfg, norms)
+        loss, _, _ = SinglePassFunction.apply(x, weight, bias, targets, call, objective, *objective.inputs)
+        # a single pass never masks by the entropy quantile (that coupling is global): gather_values is not needed
+        metrics = policy_metrics(objective.terms, objective.entropy, batch, cfg, **hooks.metric_hooks())
+        return PolicyLossOutput(
+            loss, metrics, objective.logps.float(), objective.entropy.float(), objective.terms.policy_loss.detach()
+        )
+
+    return run_planned(run, plan_for(cfg.workspace_bytes), plan_for, x.device)
 
 
 def _evaluated(logps, entropy, batch, cfg, num_items, hooks: CrossProcess, valid_tokens: int) -> PolicyLossOutput:

@@ -1,9 +1,10 @@
 """The contract between the chunked driver and a backend: what turns one chunk's projection into statistics, and
 statistics into the logits gradient.
 
-A chunk is ``n`` tokens against the whole vocabulary. The driver projects it into a ``[n, V]`` tile of the stats
-dtype (float32; float64 for float64 inputs), calls :meth:`TileOps.forward` for the per-token statistics, asks the
-objective for ``dL/dlogp`` and ``dL/dentropy``, then calls :meth:`TileOps.backward_`, which overwrites the tile with
+A chunk is ``n`` tokens against the whole vocabulary. The driver projects it into a ``[n, V]`` tile of the staging
+dtype (:mod:`fused_gspo.precision`: bf16/fp16 for 16-bit compute by default, else the stats dtype), calls
+:meth:`TileOps.forward` for the per-token statistics, asks the objective for ``dL/dlogp`` and ``dL/dentropy``, then
+calls :meth:`TileOps.backward_`, which overwrites the tile with
 ``dL/dy`` for the two gradient GEMMs. ``docs/design.md`` ("Strategy") explains the schedule around these calls.
 
 Two implementations: :class:`fused_gspo.head.TorchTileOps` (plain PyTorch, the ``"torch"`` backend) and
@@ -17,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .head import HeadParams, TokenStats
+from .precision import stats_dtype_for
 
 
 @runtime_checkable
@@ -25,21 +27,23 @@ class TileOps(Protocol):
 
     #: The backend's name (``"torch"``, ``"triton"``).
     name: str
-    #: How many extra ``[n, V]`` stats-dtype buffers :meth:`forward` / :meth:`backward_` allocate next to the tile;
-    #: the planner counts them in the workspace.
+    #: How many extra ``[n, V]`` stats-dtype buffers :meth:`forward` / :meth:`backward_` allocate next to a
+    #: stats-dtype tile, and next to a 16-bit staged one; the planner counts them in the workspace.
     temporaries: int
+    half_tile_temporaries: int
 
     @staticmethod
-    def grad_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-        """The dtype :meth:`backward_` writes ``dL/dy`` in, for inputs of ``compute_dtype``: the stats dtype, or the
-        inputs' own 16-bit dtype when the backend writes the GEMM operand directly."""
+    def grad_dtype(compute_dtype: torch.dtype, tile_dtype: torch.dtype | None = None) -> torch.dtype:
+        """The dtype :meth:`backward_` writes ``dL/dy`` in, for GEMMs in ``compute_dtype`` and a tile of
+        ``tile_dtype``: a 16-bit tile's own dtype (in place), else the stats dtype, or the compute dtype when the
+        backend writes the 16-bit GEMM operand over an fp32 tile."""
         ...
 
     @staticmethod
     def forward(
         y: torch.Tensor, targets: torch.Tensor, head: HeadParams
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``y``: ``[n, V]`` projection (stats dtype, left unchanged); ``targets``: ``[n]`` int64.
+        """``y``: ``[n, V]`` projection (the staging dtype, left unchanged); ``targets``: ``[n]`` int64.
         Returns ``(logp, entropy, lse)``, each ``[n]`` in the stats dtype."""
         ...
 
@@ -61,7 +65,9 @@ class TileOps(Protocol):
     ) -> torch.Tensor:
         """Overwrite the tile ``y`` with ``dL/dy`` and return it as a ``[n, V]`` tensor of ``grad_dtype`` (the value
         :meth:`grad_dtype` gave) over ``y``'s storage: ``y`` itself, or a 16-bit view with row stride ``2V``.
-        ``grad_logp`` / ``grad_entropy``: ``[n]`` upstream gradients, or None for a term the loss does not have."""
+        ``grad_logp`` / ``grad_entropy``: ``[n]`` upstream gradients, or None for a term the loss does not have.
+        A target outside ``[0, V)`` selects no column (``dL/dz_j = -g_logp p_j + ...``): the tile is one rank's shard
+        of a vocabulary split across ranks and the target is another's (:mod:`fused_gspo.parallel`)."""
         ...
 
 
@@ -86,11 +92,6 @@ class ScaleCast(Protocol):
 
 
 __all__ = ["FusedLogProbs", "ScaleCast", "TileOps", "TokenStats", "has_fused_logprobs", "stats_dtype_for"]
-
-
-def stats_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a chunk's tile and statistics for inputs of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def has_fused_logprobs(ops) -> bool:

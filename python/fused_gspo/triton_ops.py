@@ -6,9 +6,10 @@ overwrites the chunk with ``dL/dy``, for bf16/fp16 inputs straight in that dtype
 (the GEMMs' operand, written once); neither allocates anything of the chunk's size (``temporaries = 0``).
 The kernels live in :mod:`fused_gspo.kernels` (``logsumexp_stats``, ``logits_grad``, ``linear_logprob``).
 
-The kernels take float32 chunks (what the driver projects into for bf16/fp16/fp32 inputs). Float64 chunks (float64
-inputs, a reference mode) go to the PyTorch tile ops, a quarter of the rows at a time so their temporaries stay
-within the chunk's size. CPU tensors need the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported).
+The kernels take float32 chunks, or logits staged in bf16/fp16 (the default for 16-bit compute), whose gradient they
+write in place. Float64 chunks (float64 inputs, a reference mode) go to the PyTorch tile ops, a quarter of the rows at
+a time so their temporaries stay within the chunk's size. CPU tensors need the Triton interpreter
+(``TRITON_INTERPRET=1`` before triton is imported).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from .kernels.linear_logprob import linear_logprob
 from .kernels.logits_grad import logits_grad_
 from .kernels.logsumexp_stats import logsumexp_stats
 from .kernels.scale_cast import scale_cast
+from .precision import HALF_DTYPES, stats_dtype_for
 
 # Float64 chunks go through TorchTileOps in this many row slices (its temporaries: 3 slices' worth of logits)
 _FALLBACK_SLICES = 4
+# Tiles the kernels read: fp32, or logits staged in 16 bits (folded in fp32 on load)
+_KERNEL_TILES = (torch.float32, *HALF_DTYPES)
 
 
 def _check_runnable(t: torch.Tensor) -> None:
@@ -50,21 +54,25 @@ class TritonTileOps:
     """Chunk statistics and logits gradient as Triton kernels; see :class:`fused_gspo.tile_ops.TileOps`."""
 
     name = "triton"
-    # [n, V] temporaries these ops allocate next to the tile (none: O(n) statistics only)
+    # [n, V] temporaries these ops allocate next to the tile (none: O(n) statistics only), for any tile dtype
     temporaries = 0
+    half_tile_temporaries = 0
 
     @staticmethod
-    def grad_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-        if compute_dtype in (torch.bfloat16, torch.float16):
+    def grad_dtype(compute_dtype: torch.dtype, tile_dtype: torch.dtype | None = None) -> torch.dtype:
+        if tile_dtype in HALF_DTYPES:  # in place over the staged tile
+            return tile_dtype
+        if compute_dtype in HALF_DTYPES:  # over the first half of each fp32 row
             return compute_dtype
-        return torch.float64 if compute_dtype == torch.float64 else torch.float32
+        return stats_dtype_for(compute_dtype)
 
     @staticmethod
     def forward(y: torch.Tensor, targets: torch.Tensor, head: HeadParams):
-        """``y``: ``[n, V]`` float32 projection. Returns ``logp``, ``entropy``, ``lse``, each ``[n]`` float32."""
+        """``y``: ``[n, V]`` projection (float32, or a 16-bit staged tile). Returns ``logp``, ``entropy``, ``lse``,
+        each ``[n]`` float32."""
         if y.dim() != 2 or targets.shape != y.shape[:1]:
             raise ValueError(f"y must be [n, V] and targets [n], got {tuple(y.shape)} and {tuple(targets.shape)}")
-        if y.dtype != torch.float32:
+        if y.dtype not in _KERNEL_TILES:
             return TritonTileOps._fallback_forward(y, targets, head)
         _check_runnable(y)
         if y.stride(1) != 1:
@@ -74,7 +82,7 @@ class TritonTileOps:
     @staticmethod
     def statistics(y: torch.Tensor, targets: torch.Tensor, head: HeadParams) -> TokenStats:
         """Every :class:`fused_gspo.head.TokenStats` field from the same one read of ``y`` as :meth:`forward`."""
-        if y.dtype != torch.float32:
+        if y.dtype not in _KERNEL_TILES:
             parts = [TorchTileOps.statistics(y[a:b], targets[a:b], head) for a, b in _row_slices(y.shape[0])]
             if not parts:
                 return TorchTileOps.statistics(y, targets, head)
@@ -87,11 +95,13 @@ class TritonTileOps:
 
     @staticmethod
     def backward_(y, targets, lse, entropy, grad_logp, grad_entropy, head: HeadParams, grad_dtype=None) -> torch.Tensor:
-        """``dL/dy`` over ``y``: in place for float32/float64 ``grad_dtype`` (default: ``y``'s dtype), else the
-        bf16/fp16 view over the first half of each row (row stride ``2V``).
+        """``dL/dy`` over ``y``: in place when ``grad_dtype`` is ``y``'s dtype (the default; a 16-bit staged tile
+        always), else, for a float32 tile, the bf16/fp16 view over the first half of each row (row stride ``2V``).
         ``grad_logp``/``grad_entropy``: ``[n]`` or None (no such term)."""
         grad_dtype = y.dtype if grad_dtype is None else grad_dtype
-        if y.dtype != torch.float32:
+        if y.dtype in HALF_DTYPES and grad_dtype != y.dtype:
+            raise ValueError(f"a {y.dtype} tile's gradient is written in place, in {y.dtype}, not {grad_dtype}")
+        if y.dtype not in _KERNEL_TILES:
             if grad_dtype != y.dtype:
                 raise ValueError(f"a {y.dtype} tile's gradient is written in {y.dtype}, not {grad_dtype}")
             for start, stop in _row_slices(y.shape[0]):

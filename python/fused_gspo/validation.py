@@ -12,6 +12,7 @@ import torch
 
 from .config import PolicyLossConfig
 from .host_values import BatchCounts, read_batch, read_ids
+from .parallel.context import active_shard, vocab_size
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,7 +54,7 @@ def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             f"hidden's last dimension ({hidden.shape[-1]}) must equal weight's hidden size "
             f"(weight is {tuple(weight.shape)})"
         )
-    if weight.shape[0] < 1:
+    if weight.shape[0] < 1 and active_shard() is None:  # a rank's shard of a vocabulary may be empty
         raise ValueError("weight must have at least one vocabulary row")
     if bias is not None:
         _tensor("bias", bias, floating=True, ndim=(1,))
@@ -74,7 +75,7 @@ def validate_logprob_inputs(*, hidden, weight, targets, bias, values: bool = Tru
         )
     _same_device(hidden, weight=weight, targets=targets, bias=bias)
     if values:
-        read_ids("targets", targets, weight.shape[0])
+        read_ids("targets", targets, vocab_size(weight))
 
 
 def validate_policy_inputs(
@@ -200,7 +201,7 @@ def validate_policy_inputs(
     if not values:
         return None
     return read_batch(
-        hidden=hidden, vocab=weight.shape[0], completion_ids=completion_ids, completion_mask=completion_mask,
+        hidden=hidden, vocab=vocab_size(weight), completion_ids=completion_ids, completion_mask=completion_mask,
         cu_seqlens=cu_seqlens, num_items_in_batch=num_items_in_batch,
     )  # fmt: skip
 
@@ -235,5 +236,5 @@ def validate_preference_inputs(
     if not values:
         return None
     return read_batch(
-        hidden=hidden, vocab=weight.shape[0], completion_ids=completion_ids, completion_mask=completion_mask
+        hidden=hidden, vocab=vocab_size(weight), completion_ids=completion_ids, completion_mask=completion_mask
     )

@@ -66,11 +66,11 @@ def main(out_dir: str, mode: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(model.lm_head, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        try:  # the sharded weight itself is refused, with the way out in the message
-            ids = torch.zeros(1, 1, dtype=torch.long)
-            fused_gspo.fused_policy_loss(torch.zeros(1, 1, H), model.lm_head.weight, ids, torch.ones(1), ids.float())
+        try:  # the sharded weight itself, with each rank's own data (data parallelism), is refused, with the way out
+            ids = torch.full((1, 1), rank, dtype=torch.long)
+            fused_gspo.fused_policy_loss(torch.ones(1, 1, H), model.lm_head.weight, ids, torch.ones(1), ids * 0 + 1)
             raise AssertionError("a DTensor weight was accepted")
-        except TypeError as exc:
+        except fused_gspo.parallel.ReplicaMismatchError as exc:
             assert "pass the LM-head module" in str(exc), exc
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(STEPS):

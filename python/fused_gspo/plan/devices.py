@@ -46,8 +46,22 @@ class DeviceProfile:
     fused_gemm_efficiency: float = 0.55
     bandwidth_efficiency: float = 0.9
     small_kernel_us: float = 3.0  # device time of a tiny elementwise kernel, launch latency included
+    # The host side (cost.host_wait): the device's idle time per host read (the read drains the queue; the device
+    # then waits for the host's Python up to the next launch) and the host time per kernel launch (Python and
+    # autograd included). Fitted to the H100 profile of 2026-11-23 (bench/results/gpu-h100-profile.json): 4.9 ms
+    # idle per call at the reference shape with the host reading 5 times before the first chunk, and the six
+    # largest gaps (3.0 ms) around those reads; the kernels launched after them sit behind the chunks' GEMMs, so
+    # the rest is the host's Python between the reads: about 1 ms per read. The code has read once per call since
+    # (tests/test_host_values.py); refit on the next GPU run (bench/gpu_profile.py reports the idle time).
+    host_read_us: float = 980.0
+    host_launch_us: float = 20.0
     exp_per_clock_per_sm: int = 16  # special-function unit throughput (ex2) per multiprocessor
     is_gpu: bool = True
+    # Between the ranks of a tensor-parallel group (one node): bytes/s each way per device, datasheet (NVLink where
+    # the part has it, else PCIe); the share a collective reaches and its fixed latency are assumptions, not measured
+    link_bandwidth: float = 32 * GB
+    link_efficiency: float = 0.8
+    link_latency_us: float = 15.0
 
     def gemm_flops(self, operands: str) -> float:
         """FLOP/s a large GEMM reaches with ``operands`` (a :func:`dtype_key`, or ``"tf32"``)."""
@@ -63,6 +77,11 @@ class DeviceProfile:
         """exp() per second across the device."""
         return self.multiprocessors * self.exp_per_clock_per_sm * self.clock_hz
 
+    @property
+    def link_rate(self) -> float:
+        """Bytes/s a large collective moves each way per device."""
+        return self.link_bandwidth * self.link_efficiency
+
     def with_memory(self, memory_bytes: float) -> DeviceProfile:
         return dataclasses.replace(self, memory_bytes=memory_bytes)
 
@@ -75,10 +94,21 @@ def dtype_key(dtype: torch.dtype) -> str:
     return _DTYPE_KEYS[dtype]
 
 
+# Link bandwidth each way per device, GB/s (datasheet): NVLink 4 (900 GB/s both ways) on H100/H200/GH200 SXM, NVLink 5
+# on B200, NVLink 3 on A100 SXM; PCIe Gen5 x16 on the H100 PCIe, Gen4 x16 on the L40S and A10G (no NVLink)
+_LINK_GBS = {
+    "h100-sxm": 450, "h100-pcie": 64, "h200": 450, "gh200": 450, "b200": 900, "a100-80gb": 300, "a100-40gb": 300,
+    "l40s": 32, "a10g": 32,
+}  # fmt: skip
+
+
 def _gpu(name, description, bf16, fp32, tf32, bandwidth_gbs, memory_gb, sms, clock_ghz, fp64=None) -> DeviceProfile:
     flops = {"bf16": bf16 * TERA, "fp16": bf16 * TERA, "fp32": fp32 * TERA, "tf32": tf32 * TERA}
     flops["fp64"] = (fp64 if fp64 is not None else fp32 / 2) * TERA
-    return DeviceProfile(name, description, flops, bandwidth_gbs * GB, memory_gb * GB, sms, clock_ghz * 1e9)
+    return DeviceProfile(
+        name, description, flops, bandwidth_gbs * GB, memory_gb * GB, sms, clock_ghz * 1e9,
+        link_bandwidth=_LINK_GBS.get(name, 32) * GB,
+    )  # fmt: skip
 
 
 # Datasheet figures, dense (no 2:4 sparsity). fp32 is the non-tensor-core rate.
@@ -115,7 +145,11 @@ CPU = DeviceProfile(
     bandwidth_efficiency=1.0,
     small_kernel_us=10.0,
     exp_per_clock_per_sm=4,
+    host_read_us=0.0,  # the CPU runs kernels as it launches them: no idle device to model
+    host_launch_us=0.0,
     is_gpu=False,
+    link_bandwidth=5 * GB,  # gloo between processes of one machine: nominal
+    link_latency_us=50.0,
 )
 
 ALIASES = {"h100": "h100-sxm", "a100": "a100-80gb", "cpu": "cpu"}

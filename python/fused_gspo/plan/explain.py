@@ -53,6 +53,16 @@ class Plan:
     peak_bytes: int
     alternatives: dict[str, float] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)
+    compute_dtype: str = ""  # the GEMMs' operands (autocast's dtype under autocast)
+    logits_dtype: str = ""  # what each chunk's logits tile is staged in
+    # the vocabulary split over this many ranks (fused_gspo.parallel): every figure is one rank's, on its shard
+    tensor_parallel: int = 1
+    shard_vocab: int = 0
+    wire_bytes: float = 0.0  # sent by one rank to the others over the call
+
+    @property
+    def wire_bytes_per_token(self) -> float:
+        return self.wire_bytes / self.tokens if self.tokens else 0.0
 
     @property
     def ratio(self) -> float:
@@ -68,29 +78,42 @@ class Plan:
 
     def __str__(self) -> str:
         budget = f"{self.workspace_bytes / GIB:.2f} GiB" + (" (auto)" if self.workspace_auto else "")
+        split = self.tensor_parallel > 1
+        vocab = f"V={self.vocab}" + (
+            f" over {self.tensor_parallel} ranks ({self.shard_vocab} rows each)" if split else ""
+        )
         lines = [
-            f"fused_gspo plan | N={self.tokens} tokens, H={self.hidden}, V={self.vocab}, {self.dtype}, {self.mode} | "
+            f"fused_gspo plan | N={self.tokens} tokens, H={self.hidden}, {vocab}, {self.dtype}, {self.mode} | "
             f"{self.objective} ({self.coupling} coupling)",
+            f"{self.compute_dtype} GEMMs, logits staged in {self.logits_dtype}",
             f"device profile {self.profile}: {self.device} | {self.rates_line()}",
             f"backend {self.backend} | workspace {budget} | {self.schedule_line()}",
             "",
         ]
-        header = ("stage", "runs", "GFLOP", "GB moved", "ms", "bound")
+        header = ("stage", "runs", "GFLOP", "GB moved", *(("MB sent",) if split else ()), "ms", "bound")
         rows = [
-            (r.name, str(r.count), f"{r.flops / 1e9:.1f}", f"{r.bytes / 1e9:.2f}", f"{r.ms:.3f}", r.bound)
+            (r.name, str(r.count), f"{r.flops / 1e9:.1f}", f"{r.bytes / 1e9:.2f}",
+             *((f"{r.wire_bytes / 1e6:.2f}",) if split else ()), f"{r.ms:.3f}", r.bound)
             for r in self.stages
-        ]
-        rows.append(("total (predicted)", "", "", "", f"{self.predicted_ms:.3f}", ""))
-        rows.append(("floor (bare GEMMs)", "", "", "", f"{self.floor_ms:.3f}", ""))
+        ]  # fmt: skip
+        blank = ("",) * (len(header) - 3)
+        rows.append(("total (predicted)", *blank, f"{self.predicted_ms:.3f}", ""))
+        rows.append(("floor (bare GEMMs)", *blank, f"{self.floor_ms:.3f}", ""))
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, tuple("-" * w for w in widths), *rows]:
             cells = (
-                c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
             )
             lines.append("  ".join(cells).rstrip())
         lines.append("")
         peak = f"predicted peak {self.peak_bytes / GIB:.2f} GiB above the inputs"
-        lines.append(f"ratio to the floor {self.ratio:.3f}x | {peak}")
+        lines.append(f"ratio to the floor {self.ratio:.3f}x | {peak}" + (" (per rank)" if split else ""))
+        if split:
+            lines.append(
+                f"each rank sends {self.wire_bytes / 1e6:.2f} MB to the others ({self.wire_bytes_per_token:.0f} B per "
+                f"token) over a {self.rates['link_gbs']:.0f} GB/s link"
+            )
         others = {k: v for k, v in self.alternatives.items() if k != self.strategy}
         if others:
             lines.append("best alternative: " + ", ".join(f"{k} {v:.3f} ms" for k, v in others.items()))
@@ -99,7 +122,10 @@ class Plan:
     def schedule_line(self) -> str:
         if self.strategy == "fused":
             return "fused: one matmul-with-epilogue kernel, no workspace"
-        return f"{self.strategy}: {self.num_chunks} chunk(s) of up to {self.chunk_tokens} tokens"
+        line = f"{self.strategy}: {self.num_chunks} chunk(s) of up to {self.chunk_tokens} tokens"
+        if any(row.name == "dW" for row in self.stages) and not any(r.name == "gradient output" for r in self.stages):
+            line += " (one chunk: the gradient formed in the backward from the kept tile, dW and dX written once)"
+        return line
 
     def rates_line(self) -> str:
         r = self.rates
@@ -138,6 +164,9 @@ def explain(
     backend: str = "auto",
     on_policy: bool = False,
     bias: bool = False,
+    autocast: torch.dtype | None = None,
+    tensor_parallel: int = 1,
+    sequence_parallel: bool = False,
     **config_overrides,
 ) -> Plan:
     """The plan ``fused_policy_loss`` makes for ``tokens`` valid tokens, hidden size ``hidden`` and vocabulary
@@ -147,7 +176,13 @@ def explain(
     ``row_lengths``: valid tokens per sequence (an int for equal rows; default 512), which bound the chunks when the
     gradient is sequence-coupled. ``on_policy``: whether ``old_logps`` is None (on-policy makes most objectives
     token-coupled). ``mode``: ``"fwd_bwd"``, ``"fwd"`` or ``"logprobs"`` (the no-grad pass). ``backend``: ``"auto"``
-    (triton on a GPU profile, torch on ``"cpu"``), ``"torch"`` or ``"triton"``. Works without a GPU.
+    (triton on a GPU profile, torch on ``"cpu"``), ``"torch"`` or ``"triton"``. ``autocast``: the dtype of a
+    ``torch.autocast`` region the call runs in (``dtype`` is then the inputs', e.g. fp32 master weights): the GEMMs
+    and the staging follow it, as in a real call. The config's ``logits_dtype`` picks the staging.
+    ``tensor_parallel``: the vocabulary split over this many ranks (:mod:`fused_gspo.parallel`): the plan of one
+    rank, on its shard of ``ceil(V / k)`` rows, with the statistics exchange per chunk and the ``dX`` sum on the
+    profile's link (``sequence_parallel``: the hidden states arrive sharded over the sequence, gathered before the
+    call, their gradient reduce-scattered). Works without a GPU.
     """
     from ..api import _resolve_config  # noqa: PLC0415  (the API imports the planner)
     from ..backends import tile_ops_for  # noqa: PLC0415
@@ -159,19 +194,29 @@ def explain(
             raise ValueError(
                 f"{name} must be a {'non-negative' if name == 'tokens' else 'positive'} int, got {value!r}"
             )
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel must be a positive int, got {tensor_parallel!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise ValueError(f"dtype must be bf16, fp16, fp32 or fp64, got {dtype}")
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast}")
     validate_workspace_bytes(workspace_bytes)
     cfg = _resolve_config(config, config_overrides)
     profile = get_profile(device)
     if backend == "auto":
         backend = "triton" if profile.is_gpu else "torch"
     ops = tile_ops_for(backend)
-    fmt = chunk_format(ops, dtype, profile.is_gpu, dtype)
+    compute = autocast if (autocast is not None and dtype != torch.float64) else dtype
+    fmt = chunk_format(ops, compute, profile.is_gpu, dtype, cfg.logits_dtype)
     operands = fmt.operand_dtype
-    problem = Problem(tokens, hidden, vocab, dtype, bias=bias, softcap=cfg.final_logit_softcapping is not None)
+    shard_vocab = -(-vocab // tensor_parallel)
+    problem = Problem(
+        tokens, hidden, shard_vocab, compute, bias=bias, softcap=cfg.final_logit_softcapping is not None,
+        output_dtype=dtype, tensor_parallel=tensor_parallel,
+        sequence_parallel=bool(sequence_parallel) and tensor_parallel > 1,
+    )  # fmt: skip
     coupling = "global" if mode == "logprobs" else coupling_of(cfg, on_policy=on_policy)
     counts = _row_counts(tokens, row_lengths)
     auto = workspace_bytes == "auto"
@@ -229,5 +274,11 @@ def explain(
             "gemm_dtype": gemm_key,
             "bandwidth_tbs": profile.stream_bandwidth / 1e12,
             "small_kernel_us": profile.small_kernel_us,
+            "link_gbs": profile.link_rate / 1e9,
         },
+        compute_dtype=str(compute).replace("torch.", ""),
+        logits_dtype=str(fmt.tile).replace("torch.", ""),
+        tensor_parallel=tensor_parallel,
+        shard_vocab=shard_vocab,
+        wire_bytes=sum(row.wire_bytes for row in plan.costing.totals),
     )

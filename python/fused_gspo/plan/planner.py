@@ -33,6 +33,10 @@ AUTO_FREE_FRACTION = 0.25
 AUTO_SLACK = 0.005
 # ... but at least this much, if the device has it: below it the per-chunk fixed costs start to show
 AUTO_MIN_BYTES = 256 * MIB
+# ... and at most this much, whatever the batch: one chunk of the reference batch (N=8192, V=151936, bf16 logits:
+# 2.3 GiB) fits, a longer batch takes a few chunks, so the peak stays near flat as N grows instead of growing with it
+# (at N=32768 one chunk would hold 9.3 GiB of logits to save about 1.5% of the step)
+AUTO_MAX_BYTES = 4 << 30
 # When a named profile is planned for without a device at hand, the share of its memory assumed free
 ASSUMED_FREE_FRACTION = 0.5
 # How many chunk counts past the fewest the budget allows are costed
@@ -51,6 +55,7 @@ class ChunkPlan:
     floor: Costing
     peak_bytes: int
     alternatives: dict[str, float] = field(default_factory=dict)  # predicted ms of the best of each strategy
+    fmt: ChunkFormat | None = None  # how the driver holds each chunk (the format the plan was costed for)
 
     @property
     def chunk_tokens(self) -> int:
@@ -197,6 +202,7 @@ def choose(
         floor=floor_cost(problem, mode, profile),
         peak_bytes=peak_bytes(problem, fmt, widest, strategy, mode, weight_copy),
         alternatives=alternatives,
+        fmt=fmt,
     )
 
 
@@ -214,7 +220,8 @@ def auto_workspace_bytes(
 
     On CPU: :data:`AUTO_CPU_BYTES`. On a GPU: the smallest budget whose predicted time is within :data:`AUTO_SLACK`
     of the fastest plan with no budget at all, but at least :data:`AUTO_MIN_BYTES` and at most
-    :data:`AUTO_FREE_FRACTION` of ``free_bytes`` (default: :data:`ASSUMED_FREE_FRACTION` of the profile's memory).
+    :data:`AUTO_FREE_FRACTION` of ``free_bytes`` (default: :data:`ASSUMED_FREE_FRACTION` of the profile's memory)
+    and :data:`AUTO_MAX_BYTES`.
     """
     if not profile.is_gpu:
         return AUTO_CPU_BYTES
@@ -222,7 +229,7 @@ def auto_workspace_bytes(
     if free_bytes is None:
         free_bytes = ASSUMED_FREE_FRACTION * profile.memory_bytes
     row = fmt.bytes_per_token(problem.vocab, problem.hidden)
-    cap = max(int(AUTO_FREE_FRACTION * free_bytes), row)
+    cap = max(min(int(AUTO_FREE_FRACTION * free_bytes), AUTO_MAX_BYTES), row)
     if problem.tokens == 0:
         return max(min(AUTO_MIN_BYTES, cap), row)
 

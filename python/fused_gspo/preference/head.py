@@ -21,7 +21,7 @@ from ..backends import resolve_backend, tile_ops_for
 from ..chunked import ChunkedHead, SinglePassFunction, logprobs, score, weight_gather
 from ..head import HeadParams, TokenStats, full_logprobs, full_statistics
 from ..host_values import valid_positions
-from ..plan.runtime import plan_call
+from ..plan.runtime import plan_call, run_planned
 from ..tile_ops import stats_dtype_for
 from ..validation import validate_preference_inputs
 from .batch import PreferenceBatch, PreferenceTerms, check_empty_rows
@@ -152,7 +152,9 @@ class PreferenceChunkObjective:
 
 
 @torch.no_grad()
-def position_mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias, head: HeadParams, ops, workspace):
+def position_mean_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias, head: HeadParams, ops, workspace, logits_dtype: str = "auto"
+):
     """The vocabulary mean of the logits at every position of ``hidden`` ``[R, P, H]`` -> ``[R, P]`` (CPO's
     ``logits/*``). Without a softcap the mean is linear in the hidden state: ``(h . mean_j W_j + mean_j b_j) *
     logit_scale / temperature``, one matrix-vector product; with one, a no-grad chunked pass."""
@@ -160,15 +162,17 @@ def position_mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias, head:
     stats_dtype = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     flat = hidden.reshape(-1, size)
     if head.softcap is None:
-        mean = flat.to(stats_dtype) @ weight.to(stats_dtype).mean(0)
+        # over the whole vocabulary: a vocabulary-parallel call's ops average over every rank's shard
+        vocab_mean = getattr(ops, "vocab_mean", lambda rows: rows.mean(0))
+        mean = flat.to(stats_dtype) @ vocab_mean(weight.to(stats_dtype))
         if bias is not None:
-            mean = mean + bias.to(stats_dtype).mean()
+            mean = mean + vocab_mean(bias.to(stats_dtype))
         return (mean * (head.logit_scale / head.temperature)).view(rows, positions)
     targets = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
     # chunks of the two phases' first pass: tiles are needed (the fused kernel keeps no extras)
     plan = plan_call(flat, weight, bias, ops, workspace_bytes=workspace, coupling="global", row_counts=None,
-                     mode="fwd", softcap=True, needs=(False, False, False))  # fmt: skip
-    call = ChunkedHead(head, ops, tuple(plan.bounds), extras=True)
+                     mode="fwd", softcap=True, needs=(False, False, False), logits_dtype=logits_dtype)  # fmt: skip
+    call = ChunkedHead(head, ops, tuple(plan.bounds), extras=True, fmt=plan.fmt)
     return score(flat, weight, bias, targets, call).mean_logit.view(rows, positions)
 
 
@@ -187,6 +191,7 @@ def compute_preference_loss(
     position_hidden: torch.Tensor | None = None,
     head: HeadParams | None = None,
     workspace_bytes: int | str = "auto",
+    logits_dtype: str = "auto",
     backend: str = "auto",
     hooks: MetricHooks | None = None,
     train_eval: str = "train",
@@ -222,7 +227,7 @@ def compute_preference_loss(
         ops = tile_ops_for("torch" if backend == "eager" else backend)
         base.position_mean_logits = position_mean_logits(source.detach(), weight.detach(),
                                                          None if bias is None else bias.detach(), head, ops,
-                                                         workspace_bytes)  # fmt: skip
+                                                         workspace_bytes, logits_dtype)  # fmt: skip
 
     if backend == "eager":  # DPO's metrics read the extra statistics; CPO's do not
         stats = (
@@ -235,20 +240,26 @@ def compute_preference_loss(
     ops = tile_ops_for(backend)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     coupling = preference_gradient_coupling(config) if wants_grad else "global"
-    plan = plan_call(
-        x, weight, bias, ops, workspace_bytes=workspace_bytes, coupling="sequence" if coupling == "pair" else coupling,
-        row_counts=layout.pair_counts if coupling == "pair" else None, mode="fwd_bwd" if wants_grad else "logprobs",
-        softcap=head.softcap is not None,
-    )  # fmt: skip
-    strategy = "two_phase" if (plan.strategy == "fused" and dpo) else plan.strategy  # the extras need the tile
-    call = ChunkedHead(head, ops, tuple(plan.bounds) or _whole(x), weight_gather.get(), extras=dpo)
-    if strategy != "single_pass":
-        return _evaluated(layout, logprobs(x, weight, bias, targets, call, strategy), base, config, hooks, train_eval)
 
-    objective = PreferenceChunkObjective(layout, base, config)
-    loss, _, _ = SinglePassFunction.apply(x, weight, bias, targets, call, objective, *objective.inputs)
-    metrics = preference_metrics(objective.terms, objective.batch, config, train_eval=train_eval, **hooks.kwargs())
-    return _output(loss, metrics, objective.terms, objective.logps, objective.batch.entropy)
+    def plan_for(budget):
+        return plan_call(
+            x, weight, bias, ops, workspace_bytes=budget, coupling="sequence" if coupling == "pair" else coupling,
+            row_counts=layout.pair_counts if coupling == "pair" else None, mode="fwd_bwd" if wants_grad else "logprobs",
+            softcap=head.softcap is not None, logits_dtype=logits_dtype,
+        )  # fmt: skip
+
+    def run(plan):
+        strategy = "two_phase" if (plan.strategy == "fused" and dpo) else plan.strategy  # the extras need the tile
+        call = ChunkedHead(head, ops, tuple(plan.bounds) or _whole(x), weight_gather.get(), extras=dpo, fmt=plan.fmt)
+        if strategy != "single_pass":
+            stats = logprobs(x, weight, bias, targets, call, strategy)
+            return _evaluated(layout, stats, base, config, hooks, train_eval)
+        objective = PreferenceChunkObjective(layout, base, config)
+        loss, _, _ = SinglePassFunction.apply(x, weight, bias, targets, call, objective, *objective.inputs)
+        metrics = preference_metrics(objective.terms, objective.batch, config, train_eval=train_eval, **hooks.kwargs())
+        return _output(loss, metrics, objective.terms, objective.logps, objective.batch.entropy)
+
+    return run_planned(run, plan_for(workspace_bytes), plan_for, x.device)
 
 
 def _requires_grad(x) -> bool:

@@ -1,4 +1,5 @@
-"""The ``use_fused_gspo_loss`` field, added to TRL's config dataclasses and removed again.
+"""The ``use_fused_gspo_loss`` and ``fused_gspo_logits_dtype`` fields, added to TRL's config dataclasses and removed
+again.
 
 A real dataclass field: ``dataclasses.fields()`` lists it (so ``to_dict()`` and the saved training arguments carry
 it), ``HfArgumentParser`` / ``TrlParser`` read its type from the class annotations (so ``--use_fused_gspo_loss true``
@@ -12,11 +13,20 @@ import dataclasses
 import functools
 import inspect
 
+from ..precision import normalize_logits_dtype
+
 FLAG = "use_fused_gspo_loss"
 FLAG_HELP = (
     "Compute the loss with fused_gspo's fused LM-head kernels (same numbers as TRL, without the [tokens, vocab] "
     "logits). Also enables importance_sampling_level='sequence_token' (GSPO-token) on the GRPO trainer."
 )
+LOGITS_FIELD = "fused_gspo_logits_dtype"
+LOGITS_HELP = (
+    "With use_fused_gspo_loss: how each chunk's logits are staged. 'auto': in the head's 16-bit dtype under bf16/fp16 "
+    "(as TRL's own chunked head stages them); 'float32': in fp32, more precise than TRL."
+)
+# (name, type, default, help) of every field the adapter adds, in order
+FIELDS = ((FLAG, bool, False, FLAG_HELP), (LOGITS_FIELD, str, "auto", LOGITS_HELP))
 
 # cls -> (the class-dict entries replaced, by name (None: absent), whether it had its own __annotations__ dict)
 _originals: dict[type, tuple] = {}
@@ -24,51 +34,63 @@ _REPLACED = ("__init__", "__eq__", "__repr__")
 
 
 def add_flag_field(cls: type) -> None:
-    """Give the dataclass ``cls`` the field ``use_fused_gspo_loss: bool = False`` (idempotent)."""
+    """Give the dataclass ``cls`` the fields of :data:`FIELDS` (``use_fused_gspo_loss: bool = False``,
+    ``fused_gspo_logits_dtype: str = "auto"``; idempotent). A bad ``fused_gspo_logits_dtype`` fails the config's
+    construction, naming the field."""
     if "__dataclass_fields__" not in cls.__dict__:
         # a plain subclass shares its base's field dict: adding to it would change the base
         raise TypeError(f"{cls.__name__} is not itself a dataclass")
     if FLAG in cls.__dataclass_fields__:
         return
-    flag = dataclasses.field(default=False, metadata={"help": FLAG_HELP})
-    flag.name, flag.type = FLAG, bool
-    flag._field_type = dataclasses._FIELD  # what dataclasses.fields() selects on
+    added = []
+    for name, kind, default, help_text in FIELDS:
+        spec = dataclasses.field(default=default, metadata={"help": help_text})
+        spec.name, spec.type = name, kind
+        spec._field_type = dataclasses._FIELD  # what dataclasses.fields() selects on
+        added.append(spec)
     original_init, original_eq, original_repr = cls.__init__, cls.__eq__, cls.__repr__
 
     @functools.wraps(original_init)
-    def __init__(self, *args, use_fused_gspo_loss: bool = False, **kwargs):
-        object.__setattr__(self, FLAG, bool(use_fused_gspo_loss))
+    def __init__(self, *args, **kwargs):
+        values = {name: kwargs.pop(name, default) for name, _, default, _ in FIELDS}
+        object.__setattr__(self, FLAG, bool(values[FLAG]))
+        try:
+            object.__setattr__(self, LOGITS_FIELD, normalize_logits_dtype(values[LOGITS_FIELD]))
+        except ValueError as exc:
+            raise ValueError(f"{LOGITS_FIELD}: {exc}") from None
         original_init(self, *args, **kwargs)
 
     signature = inspect.signature(original_init)
-    keyword = inspect.Parameter(FLAG, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)
+    keywords = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=k) for n, k, d, _ in FIELDS]
     params = list(signature.parameters.values())
     last = len(params) - int(bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
-    __init__.__signature__ = signature.replace(parameters=[*params[:last], keyword, *params[last:]])
+    __init__.__signature__ = signature.replace(parameters=[*params[:last], *keywords, *params[last:]])
 
     def __eq__(self, other):
         same = original_eq(self, other)
         if same is not True:
             return same
-        return getattr(self, FLAG, False) == getattr(other, FLAG, False)
+        return all(getattr(self, n, d) == getattr(other, n, d) for n, _, d, _ in FIELDS)
 
     def __repr__(self):
         text = original_repr(self)
-        return f"{text[:-1]}, {FLAG}={getattr(self, FLAG, False)!r})" if text.endswith(")") else text
+        extra = "".join(f", {n}={getattr(self, n, d)!r}" for n, _, d, _ in FIELDS)
+        return f"{text[:-1]}{extra})" if text.endswith(")") else text
 
     had_annotations = "__annotations__" in cls.__dict__
     _originals[cls] = ({name: cls.__dict__.get(name) for name in _REPLACED}, had_annotations)
     if not had_annotations:
         # its own dict, so that removing the flag can drop it and leave the class as it was
         cls.__annotations__ = {}
-    cls.__annotations__[FLAG] = bool
-    cls.__dataclass_fields__[FLAG] = flag
-    setattr(cls, FLAG, False)
+    for spec in added:
+        cls.__annotations__[spec.name] = spec.type
+        cls.__dataclass_fields__[spec.name] = spec
+        setattr(cls, spec.name, spec.default)
     cls.__init__, cls.__eq__, cls.__repr__ = __init__, __eq__, __repr__
 
 
 def remove_flag_field(cls: type) -> None:
-    """Undo :func:`add_flag_field` (a no-op if ``cls`` does not have the field from it)."""
+    """Undo :func:`add_flag_field` (a no-op if ``cls`` does not have the fields from it)."""
     if cls not in _originals:
         return
     replaced, had_annotations = _originals.pop(cls)
@@ -77,11 +99,12 @@ def remove_flag_field(cls: type) -> None:
             delattr(cls, name)
         else:
             setattr(cls, name, original)
-    del cls.__dataclass_fields__[FLAG]
-    del cls.__annotations__[FLAG]
+    for name, *_ in FIELDS:
+        del cls.__dataclass_fields__[name]
+        del cls.__annotations__[name]
+        delattr(cls, name)
     if not had_annotations:
         del cls.__annotations__
-    delattr(cls, FLAG)
 
 
 def has_flag_field(cls: type) -> bool:
@@ -91,6 +114,11 @@ def has_flag_field(cls: type) -> bool:
 def flag_on(trainer) -> bool:
     """Whether a trainer's arguments switch the fused loss on."""
     return bool(getattr(trainer.args, FLAG, False))
+
+
+def logits_dtype_of(trainer) -> str:
+    """The staging a trainer's arguments ask for (``"auto"`` unless ``fused_gspo_logits_dtype`` says otherwise)."""
+    return normalize_logits_dtype(getattr(trainer.args, LOGITS_FIELD, "auto"))
 
 
 def init_validated_by(validate):

@@ -45,7 +45,7 @@ from ..head import HeadParams
 from ..preference.batch import empty_rows_refusal, may_refuse_empty_rows
 from ..preference.config import CPOLossConfig
 from ..preference.head import MetricHooks, compute_preference_loss
-from .config_field import flag_on, init_validated_by
+from .config_field import flag_on, init_validated_by, logits_dtype_of
 
 # The chunked head's scratch budget for every fused CPO call (``"auto"``: the planner's default, see docs/design.md;
 # on CPU a fixed 512 MiB). Read at each call.
@@ -149,9 +149,10 @@ class _HeadStandIn:
     returns the real logit of vocabulary entry 0 (``[2B, L, 1]``), so that what the model does to its logits
     afterwards can be checked (:meth:`check`)."""
 
-    def __init__(self, *, completion_ids, completion_mask, config, head, hooks, train_eval):
+    def __init__(self, *, completion_ids, completion_mask, config, head, hooks, train_eval, logits_dtype="auto"):
         self.completion_ids, self.completion_mask = completion_ids, completion_mask
         self.config, self.head, self.hooks, self.train_eval = config, head, hooks, train_eval
+        self.logits_dtype = logits_dtype
         self.output = None
         self.probe = None
 
@@ -182,6 +183,7 @@ class _HeadStandIn:
                 position_hidden=hidden,  # CPO's logits/* average every position, the last one included
                 head=self.head,
                 workspace_bytes=WORKSPACE_BYTES,
+                logits_dtype=self.logits_dtype,
                 hooks=self.hooks,
                 train_eval=self.train_eval,
             )
@@ -269,6 +271,7 @@ def _fused_get_batch_loss_metrics(self, model, batch, train_eval, original):
         head=head_params_for(_unwrap(self, model).config),
         hooks=MetricHooks(gather_for_metrics=self.accelerator.gather_for_metrics),
         train_eval=train_eval,
+        logits_dtype=logits_dtype_of(self),
     )
     model_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
     with _Intercept(head_linears(_unwrap(self, model)), stand_in):

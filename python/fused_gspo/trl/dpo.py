@@ -62,7 +62,7 @@ from ..preference.batch import empty_rows_refusal, may_refuse_empty_rows
 from ..preference.config import DPOLossConfig
 from ..preference.dpo import reference_logps
 from ..preference.head import MetricHooks, compute_preference_loss
-from .config_field import flag_on, init_validated_by
+from .config_field import flag_on, init_validated_by, logits_dtype_of
 from .stand_in import LogProbRequest, active
 
 # The chunked head's scratch budget for every fused DPO call (``"auto"``: the planner's default). Read at each call.
@@ -122,9 +122,10 @@ class _PreferenceRequest:
     loss later). After the call: ``output`` (a :class:`~fused_gspo.preference.head.PreferenceLossOutput`).
     """
 
-    def __init__(self, *, completion_mask, input_ids, config, ref, hooks, train_eval):
+    def __init__(self, *, completion_mask, input_ids, config, ref, hooks, train_eval, logits_dtype="auto"):
         self.completion_mask, self.input_ids = completion_mask, input_ids
         self.config, self.ref, self.hooks, self.train_eval = config, ref, hooks, train_eval
+        self.logits_dtype = logits_dtype
         self.output = None
         self.captured = None
 
@@ -201,6 +202,7 @@ class _PreferenceRequest:
             completion_lengths=self.lengths,
             head=head,
             workspace_bytes=WORKSPACE_BYTES,
+            logits_dtype=self.logits_dtype,
             hooks=self.hooks,
             train_eval=self.train_eval,
         )
@@ -249,9 +251,9 @@ class _GeneratorStates:
             getattr(torch, name).set_rng_state_all(states)
 
 
-def _reference_per_token(call) -> torch.Tensor:
+def _reference_per_token(call, logits_dtype: str) -> torch.Tensor:
     """``call()`` (a no-grad model call with ``fused_lm_head=True``) through the fused log-prob path."""
-    with active(LogProbRequest()):
+    with active(LogProbRequest(logits_dtype)):
         return call().log_probs
 
 
@@ -267,9 +269,13 @@ def _loss_reference(trainer, model_kwargs, labels, shift_mask):
         if is_peft_model(trainer.model) and trainer.ref_model is None:
             unwrapped = trainer.accelerator.unwrap_model(trainer.model)
             with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                per_token = _reference_per_token(lambda: trainer.model(**ref_kwargs, labels=labels, fused_lm_head=True))
+                per_token = _reference_per_token(
+                    lambda: trainer.model(**ref_kwargs, labels=labels, fused_lm_head=True), logits_dtype_of(trainer)
+                )
         else:
-            per_token = _reference_per_token(lambda: trainer.ref_model(**ref_kwargs, labels=labels, fused_lm_head=True))
+            per_token = _reference_per_token(
+                lambda: trainer.ref_model(**ref_kwargs, labels=labels, fused_lm_head=True), logits_dtype_of(trainer)
+            )
     # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
     return reference_logps(per_token[:, -shift_mask.size(1) :], shift_mask, trainer.ld_alpha)
 
@@ -293,7 +299,9 @@ def _fused_compute_ref_log_probs(self, model, inputs):
         adapter_context,
         self.accelerator.autocast(),
     ):
-        per_token = _reference_per_token(lambda: model(**model_kwargs, labels=labels, fused_lm_head=True))
+        per_token = _reference_per_token(
+            lambda: model(**model_kwargs, labels=labels, fused_lm_head=True), logits_dtype_of(self)
+        )
     shift_mask = inputs["completion_mask"][..., 1:]
     return reference_logps(per_token[:, -shift_mask.size(1) :], shift_mask, self.ld_alpha)
 
@@ -342,6 +350,7 @@ def _fused_compute_loss(self, model, inputs, return_outputs, original):
         ref=None,
         hooks=_hooks(self),
         train_eval=mode,
+        logits_dtype=logits_dtype_of(self),
     )
     if self.precompute_ref_logps:
         request.ref = (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])

@@ -18,7 +18,8 @@ from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from .config_field import FLAG_HELP
+from ..precision import normalize_logits_dtype
+from .config_field import FLAG_HELP, LOGITS_HELP
 from .patch import patch_trl
 
 
@@ -36,9 +37,14 @@ class GFPOConfig(GRPOConfig):
         metadata={"help": "Completions kept per group by group_filter_func (smaller than num_generations)."},
     )
     use_fused_gspo_loss: bool = field(default=False, metadata={"help": FLAG_HELP})
+    fused_gspo_logits_dtype: str = field(default="auto", metadata={"help": LOGITS_HELP})
 
     def __post_init__(self):
         super().__post_init__()
+        try:
+            self.fused_gspo_logits_dtype = normalize_logits_dtype(self.fused_gspo_logits_dtype)
+        except ValueError as exc:
+            raise ValueError(f"fused_gspo_logits_dtype: {exc}") from None
         if self.num_remains_in_group is None:
             return
         if self.num_remains_in_group < 1:

@@ -29,10 +29,13 @@ import warnings
 import torch
 
 from ..config import PolicyLossConfig
+from ..parallel import dispatch as vocab_parallel
+from ..parallel.placements import is_dtensor
 from ..policy import CrossProcess, compute_policy_loss
 from . import cpo, dpo
-from .config_field import add_flag_field, flag_on, init_validated_by, remove_flag_field
+from .config_field import add_flag_field, flag_on, init_validated_by, logits_dtype_of, remove_flag_field
 from .stand_in import ChunkedLogProbStandIn, LogProbRequest, active, current_request
+from .tensor_parallel import agree_on_seed, sharded_head
 
 _saved: dict = {}
 
@@ -68,22 +71,30 @@ class _LossRequest:
         else:  # packed completion tokens; keep those the loss mask keeps
             tokens = hidden[self.loss_mask.bool()[scored]]
         kw = self.loss_kwargs
-        self.output = compute_policy_loss(
-            tokens,
-            weight,
-            self.completion_ids,
-            kw["advantages"],
-            self.loss_mask,
-            config=config,
-            old_logps=kw.get("old_logps"),
-            ref_logps=kw.get("ref_logps"),
-            sampling_logps=kw.get("sampling_logps"),
-            importance_sampling_ratio=kw.get("importance_sampling_ratio"),
-            num_items_in_batch=kw.get("num_items_in_batch"),
-            bias=bias,
-            backend="auto",
-            cross_process=self.hooks,
-        )
+
+        def loss(tokens, weight, bias):
+            return compute_policy_loss(
+                tokens,
+                weight,
+                self.completion_ids,
+                kw["advantages"],
+                self.loss_mask,
+                config=config,
+                old_logps=kw.get("old_logps"),
+                ref_logps=kw.get("ref_logps"),
+                sampling_logps=kw.get("sampling_logps"),
+                importance_sampling_ratio=kw.get("importance_sampling_ratio"),
+                num_items_in_batch=kw.get("num_items_in_batch"),
+                bias=bias,
+                backend="auto",
+                cross_process=self.hooks,
+            )
+
+        if is_dtensor(weight):  # a tensor-parallel head (.tensor_parallel): this rank's part of the call
+            ids = {"completion_ids": self.completion_ids, "completion_mask": self.loss_mask}
+            self.output = vocab_parallel.run(loss, tokens, weight, bias, backend="auto", tokens=ids)
+        else:
+            self.output = loss(tokens, weight, bias)
         # Hand TRL's forward per-token values in the layout it scatters back (it only logs their shapes' worth)
         per_token = []
         for values in (self.output.logps, self.output.entropy):
@@ -127,6 +138,7 @@ def policy_config_for(trainer, mode: str = "train", entropy_coef: float = 0.0) -
         epsilon=trainer.epsilon_low,
         epsilon_high=trainer.epsilon_high,
         temperature=trainer.temperature,
+        logits_dtype=logits_dtype_of(trainer),
         **_accumulation(trainer, mode),
     )
     with warnings.catch_warnings():
@@ -196,7 +208,7 @@ def _score(trainer, model, inputs, loss_mask, config, loss_kwargs, compute_aux_l
         loss_kwargs=loss_kwargs,
         hooks=_hooks(trainer),
     )
-    with active(request):
+    with active(request), sharded_head(trainer, model):
         _, _, aux_loss = trainer._get_per_token_logps_and_entropies(
             model,
             input_ids,
@@ -330,7 +342,8 @@ def _fused_logps_when_flagged(original):
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         if not flag_on(self) or current_request() is not None:
             return original(self, *args, **kwargs)
-        with active(LogProbRequest()):
+        model = args[0] if args else kwargs["model"]
+        with active(LogProbRequest(logits_dtype_of(self))), sharded_head(self, model):
             return original(self, *args, **kwargs)
 
     return _get_per_token_logps_and_entropies
@@ -341,6 +354,7 @@ def _validate_policy_trainer(trainer) -> None:
         policy_config_for(trainer, "train", 1.0 if trainer.__dict__.get("_entropy_bonus_enabled") else 0.0)
     except ValueError as exc:
         raise ValueError(f"use_fused_gspo_loss=True cannot reproduce this trainer's loss: {exc}") from exc
+    agree_on_seed(trainer)  # a tensor-parallel model: the ranks of a group sample alike (.tensor_parallel)
 
 
 def _targets():

@@ -15,6 +15,7 @@ import contextvars
 
 from ..api import fused_logprobs
 from ..chunked import weight_gather
+from .tensor_parallel import unwrap
 
 _request: contextvars.ContextVar = contextvars.ContextVar("fused_gspo_request", default=None)
 
@@ -53,14 +54,19 @@ class ChunkedLogProbStandIn:
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
         token = weight_gather.set(maybe_gather_lm_head_ctx)
-        try:
+        try:  # a tensor-parallel head reaches here as a stand-in TRL did not gather (.tensor_parallel)
+            weight, bias = unwrap(weight), unwrap(bias)
             return request(hidden, weight, bias, targets, float(temperature), softcap, float(logit_scale))
         finally:
             weight_gather.reset(token)
 
 
 class LogProbRequest:
-    """TRL asks for log-probs (and entropies): the fused log-prob path, differentiable if grads are on."""
+    """TRL asks for log-probs (and entropies): the fused log-prob path, differentiable if grads are on, with the
+    trainer's staging (``fused_gspo_logits_dtype``)."""
+
+    def __init__(self, logits_dtype: str = "auto"):
+        self.logits_dtype = logits_dtype
 
     def __call__(self, hidden, weight, bias, targets, temperature, softcap, logit_scale):
         logp, entropy = fused_logprobs(
@@ -72,5 +78,6 @@ class LogProbRequest:
             logit_scale=logit_scale,
             final_logit_softcapping=softcap,
             return_entropy=True,
+            logits_dtype=self.logits_dtype,
         )
         return logp, entropy, None, None, None
