@@ -30,10 +30,76 @@ from .head import HeadParams, TokenStats
 from .plan.runtime import chunk_format, operand_dtype
 from .tile_ops import TileOps, stats_dtype_for
 
-# A context manager factory ``gather(weight, bias)`` that the recomputing backward re-enters to get the head's full
-# weight back, for training setups that release it after the forward (the TRL adapter sets TRL's ZeRO-3 gather).
-# None: the weight stays materialized, nothing to do.
+# A context manager factory ``gather(weight, bias)`` for training setups that release the head's weight after the
+# forward (DeepSpeed ZeRO-3; the TRL adapters set TRL's gather, which does nothing where ZeRO-3 is off or the weight is
+# already gathered). Every backward enters it (:class:`_BackwardGather`): the recomputing backward needs the weight's
+# values, and every backward needs the weight whole when autograd accumulates the gradient into it. None: the weight
+# stays materialized, nothing to do.
 weight_gather: contextvars.ContextVar = contextvars.ContextVar("fused_gspo_weight_gather", default=None)
+
+
+class _BackwardGather:
+    """The head's gather (:data:`weight_gather`), entered by a backward that finds the head released, and left once
+    autograd has accumulated the gradients that backward returns into the head's parameters.
+
+    ZeRO-3 releases the head's weight after the forward (the parameter's local tensor then has 0 elements), and
+    autograd accumulates a returned gradient into ``param.grad`` in the parameter's *current* shape: a ``[V, H]``
+    gradient handed back while the weight is released does not fit ("The size of tensor a (0) must match the size of
+    tensor b (H)"). Where the loss's backward comes through the head's or the model's output (the TRL adapters'
+    :class:`fused_gspo.trl.stand_in.LossRelay`, or the LM-head module passed to the public functions), ZeRO-3's own
+    pre-backward hook has gathered the head already: the gather is a no-op and nothing is held. Otherwise (a custom
+    loop that gathers the weight around the call itself) the gather is left from a post-accumulate-grad hook of each
+    parameter that gets a gradient (hooks run in the order they were registered: ZeRO-3's own, which reduces the
+    gradient, runs first), or at the end of the backward pass if autograd never accumulates one, never later. What
+    this cannot hold: a weight that a ZeRO-3 module also gathers in the same backward (an input embedding tied to the
+    head; DeepSpeed refuses to release a parameter a module is using): pass the LM-head module instead.
+    """
+
+    def __init__(self, gather: Callable | None, weight: torch.Tensor, bias: torch.Tensor | None):
+        context = None if gather is None else gather(weight, bias)
+        # Nothing to hold: no gather configured, or the gather found the weight materialized (ZeRO-3 off, or gathered
+        # by someone who will keep it so until the gradient is in)
+        self._context = None if isinstance(context, contextlib.nullcontext) else context
+        self._handles: list = []
+        if self._context is not None:
+            self._context.__enter__()
+
+    def release_after_accumulation(self, params) -> None:
+        """Leave the gather once each parameter in ``params`` that gets a gradient has been accumulated."""
+        if self._context is None:
+            return
+        pending = {id(p): p for p in params if p is not None and p.requires_grad and p.is_leaf}
+        if not pending:
+            self.release()
+            return
+
+        def accumulated(param: torch.Tensor) -> None:
+            pending.pop(id(param), None)
+            if not pending:
+                self.release()
+
+        self._handles = [p.register_post_accumulate_grad_hook(accumulated) for p in pending.values()]
+        torch.autograd.Variable._execution_engine.queue_callback(self.release)
+
+    @staticmethod
+    def check_materialized(weight: torch.Tensor, shape: torch.Size) -> None:
+        """A clear error for a weight released since the forward that no gather brought back."""
+        if weight.shape != shape:
+            raise RuntimeError(
+                f"the LM head's weight was {tuple(shape)} in the forward but is {tuple(weight.shape)} in the backward "
+                "(released after the forward, as DeepSpeed ZeRO-3 does): pass the LM-head module instead of its "
+                "weight, so that its hooks gather it for the backward, or set fused_gspo.chunked.weight_gather to "
+                "a factory of a context that gathers it"
+            )
+
+    def release(self) -> None:
+        """Leave the gather now (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        context, self._context = self._context, None
+        if context is not None:
+            context.__exit__(None, None, None)
 
 
 @dataclass(frozen=True)
@@ -139,7 +205,10 @@ class _GradAccumulators:
     """``dX`` (each chunk writes its own rows), ``dW`` and ``db`` (summed over chunks) in fp32 (fp64 for fp64)."""
 
     def __init__(self, hidden, weight, bias, needs, workspace: _Workspace):
-        self.hidden, self.weight, self.bias = hidden, weight, bias
+        # the head's parameters themselves (a backward may have to gather them: _BackwardGather); of the hidden
+        # states only the dtype, so that a single pass does not keep them alive until its backward
+        self.weight, self.bias = weight, bias
+        self.out_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         self.operand_dtype = workspace.fmt.operand_dtype
         self.weight_operand = workspace.weight_operand
         acc = torch.promote_types(torch.float32, self.operand_dtype)
@@ -173,17 +242,17 @@ class _GradAccumulators:
                 if acc is not None:
                     acc.zero_()
         out = []
-        for acc, ref in ((self.dx, self.hidden), (self.dw, self.weight), (self.db, self.bias)):
+        for acc, dtype in zip((self.dx, self.dw, self.db), self.out_dtypes, strict=True):
             if acc is None:
                 out.append(None)
-            elif ref.dtype == acc.dtype:
+            elif dtype == acc.dtype:
                 out.append(acc if scale is None else acc.mul_(scale))
             elif scale is None:
-                out.append(acc.to(ref.dtype))
+                out.append(acc.to(dtype))
             elif self.scale_cast is not None:
-                out.append(self.scale_cast(acc, scale, ref.dtype))
+                out.append(self.scale_cast(acc, scale, dtype))
             else:
-                out.append(torch.mul(acc, scale, out=torch.empty_like(acc, dtype=ref.dtype)))
+                out.append(torch.mul(acc, scale, out=torch.empty_like(acc, dtype=dtype)))
         return out
 
 
@@ -199,25 +268,25 @@ def score(hidden, weight, bias, targets, call: ChunkedHead) -> TokenStats:
 
 def recompute_grads(hidden, weight, bias, targets, call: ChunkedHead, lse, entropy, grad_logp, grad_entropy, needs):
     """The second of the two phases: each chunk projected again and turned into ``dL/dy`` from the tokens' upstream
-    gradients (``[N]``, either may be None); returns the fp32 accumulators."""
-    with call.gather(weight, bias) if call.gather is not None else contextlib.nullcontext():
-        workspace = _Workspace(hidden, weight, bias, call)
-        acc = _GradAccumulators(hidden, weight, bias, needs, workspace)
-        if acc.dx is not None and not call.bounds:
-            acc.dx.zero_()
-        for start, stop in call.bounds:
-            tile, x = workspace.project(start, stop)
-            grad_y = call.ops.backward_(
-                tile,
-                targets[start:stop],
-                lse[start:stop],
-                entropy[start:stop],
-                None if grad_logp is None else grad_logp[start:stop].to(tile.dtype),
-                None if grad_entropy is None else grad_entropy[start:stop].to(tile.dtype),
-                call.head,
-                workspace.fmt.grad_dtype,
-            )
-            acc.add(start, stop, grad_y, x)
+    gradients (``[N]``, either may be None); returns the fp32 accumulators. ``weight`` must be materialized (the
+    caller holds ``call.gather``: :class:`LogProbFunction`)."""
+    workspace = _Workspace(hidden, weight, bias, call)
+    acc = _GradAccumulators(hidden, weight, bias, needs, workspace)
+    if acc.dx is not None and not call.bounds:
+        acc.dx.zero_()
+    for start, stop in call.bounds:
+        tile, x = workspace.project(start, stop)
+        grad_y = call.ops.backward_(
+            tile,
+            targets[start:stop],
+            lse[start:stop],
+            entropy[start:stop],
+            None if grad_logp is None else grad_logp[start:stop].to(tile.dtype),
+            None if grad_entropy is None else grad_entropy[start:stop].to(tile.dtype),
+            call.head,
+            workspace.fmt.grad_dtype,
+        )
+        acc.add(start, stop, grad_y, x)
     return acc
 
 
@@ -245,6 +314,9 @@ def single_pass(hidden, weight, bias, targets, call: ChunkedHead, objective: Chu
         )  # fmt: skip
         acc.add(start, stop, grad_y, x)
     del workspace  # the tile buffer goes before the objective's last evaluation and the backward
+    # dX is complete: the GEMM operand's copy of W (mixed dtypes, off CUDA) must not live on until the backward (under
+    # ZeRO-3 it would be the whole gathered head)
+    acc.weight_operand = None
     return objective.finish(stats), stats, acc
 
 
@@ -256,7 +328,7 @@ class LogProbFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead):
         ctx.set_materialize_grads(False)
-        ctx.call = call
+        ctx.call, ctx.weight_shape = call, weight.shape
         stats = score(hidden, weight, bias, targets, call)
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, stats.entropy)
         extras = (stats.log_sum_sq_probs, stats.mean_logit, stats.is_top1)
@@ -270,8 +342,15 @@ class LogProbFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
         needs = ctx.needs_input_grad[:3]
-        acc = recompute_grads(hidden, weight, bias, targets, ctx.call, lse, entropy, grad_logp, grad_entropy, needs)
-        dx, dw, db = acc.results()
+        gathered = _BackwardGather(ctx.call.gather, weight, bias)  # the projection is recomputed: W's values needed
+        try:
+            gathered.check_materialized(weight, ctx.weight_shape)
+            acc = recompute_grads(hidden, weight, bias, targets, ctx.call, lse, entropy, grad_logp, grad_entropy, needs)
+            dx, dw, db = acc.results()
+        except BaseException:
+            gathered.release()
+            raise
+        gathered.release_after_accumulation([p for p, g in ((weight, dw), (bias, db)) if g is not None])
         return dx, dw, db, None, None
 
 
@@ -282,6 +361,7 @@ class SinglePassFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective):
         ctx.set_materialize_grads(False)
+        ctx.call = call
         loss, stats, ctx.acc = single_pass(hidden, weight, bias, targets, call, objective, ctx.needs_input_grad[:3])
         ctx.mark_non_differentiable(stats.logp, stats.entropy)
         return loss, stats.logp, stats.entropy
@@ -290,8 +370,17 @@ class SinglePassFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
             return (None,) * 6
-        dx, dw, db = ctx.acc.results(scale=grad_loss)
-        ctx.acc = None
+        acc, ctx.acc = ctx.acc, None
+        # W's values are not needed any more, but its full shape is, when autograd accumulates dW into it
+        gathered = _BackwardGather(ctx.call.gather, acc.weight, acc.bias)
+        try:
+            if acc.dw is not None:
+                gathered.check_materialized(acc.weight, acc.dw.shape)
+            dx, dw, db = acc.results(scale=grad_loss)
+        except BaseException:
+            gathered.release()
+            raise
+        gathered.release_after_accumulation([p for p, g in ((acc.weight, dw), (acc.bias, db)) if g is not None])
         return dx, dw, db, None, None, None
 
 
