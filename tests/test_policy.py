@@ -73,6 +73,34 @@ def test_sequence_longer_than_workspace_falls_back_to_two_phases(monkeypatch):
     assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads, strict=True))
 
 
+@pytest.mark.parametrize("quantile", [0.5, 1.0])
+def test_a_process_with_nothing_to_score_still_joins_the_entropy_gather(quantile):
+    """Every process takes part in the entropy quantile's gather (TRL's get_high_entropy_mask does): one whose
+    micro-batch has no valid token (all truncated, say) must too, or the processes with tokens wait forever."""
+    from fused_gspo.policy import CrossProcess, compute_policy_loss
+
+    problem = draw_problem(2, 4, 8, 29, seed=5)
+    gathered = []
+
+    def gather_values(values):
+        gathered.append(values.numel())
+        return torch.cat([values, torch.rand(6, dtype=values.dtype)])  # another process's entropies
+
+    hidden = problem["hidden"].float().requires_grad_()
+    weight = problem["weight"].float().requires_grad_()
+    out = compute_policy_loss(
+        hidden, weight, problem["completion_ids"], problem["advantages"].float(),
+        torch.zeros_like(problem["completion_mask"]), old_logps=problem["old_logps"].float(),
+        config=PolicyLossConfig(loss_type="dapo", top_entropy_quantile=quantile), backend="torch",
+        cross_process=CrossProcess(gather_values=gather_values),
+    )  # fmt: skip
+    out.loss.backward()
+    assert gathered == ([0] if quantile < 1 else [])
+    assert out.loss.item() == 0.0
+    # the head still gets its (zero) gradient: under ZeRO-3 every process reduces one
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
 def test_a_workspace_smaller_than_one_row_is_refused():
     problem = draw_problem(2, 3, 4, 50, seed=1)
     with pytest.raises(ValueError, match="workspace_bytes=100 cannot hold one token"):
