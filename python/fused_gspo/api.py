@@ -116,7 +116,8 @@ def fused_policy_loss(
     if position_ids is not None:
         if cu_seqlens is not None:
             raise ValueError("give cu_seqlens or position_ids, not both")
-        cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+        if not torch.compiler.is_compiling():  # compiled, the operator finds the sequences (data: no guard on them)
+            cu_seqlens, position_ids = cu_seqlens_from_position_ids(position_ids), None
     config = _resolve_config(config, config_overrides)
     # every optional tensor, handed on as one set to whichever path runs
     optional = dict(
@@ -127,6 +128,7 @@ def fused_policy_loss(
         num_items_in_batch=num_items_in_batch,
         bias=bias,
         cu_seqlens=cu_seqlens,
+        **({} if position_ids is None else {"position_ids": position_ids}),  # compiling only
     )
     if is_vocab_parallel(weight):  # a head split over the vocabulary across ranks: this rank's part of the call
         return vocab_parallel.run(

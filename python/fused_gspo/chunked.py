@@ -139,7 +139,14 @@ class ChunkObjective(Protocol):
     The driver scores chunk ``[start, stop)`` of the valid tokens, then calls :meth:`grad` with its statistics; once
     every chunk is scored, :meth:`finish` with all of them. Implementations keep what they compute (the loss terms,
     the per-token log-probs) as attributes for the caller.
+
+    ``inputs``: the loss's own tensors that want a gradient besides the head's (advantages that require grad, a MoE
+    ``aux_loss``); the caller hands them to :class:`SinglePassFunction` after the objective, so autograd reaches them,
+    and :meth:`finish` sets ``input_grads``, ``dL/d`` each of them, in order.
     """
+
+    inputs: tuple[torch.Tensor, ...]
+    input_grads: tuple[torch.Tensor | None, ...]
 
     def grad(self, start: int, stop: int, stats: TokenStats) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(dL/dlogp, dL/dentropy)``, each ``[stop - start]`` or None for a term the loss does not have."""
@@ -464,22 +471,25 @@ class LogProbFunction(torch.autograd.Function):
 
 
 class SinglePassFunction(torch.autograd.Function):
-    """``(loss, logp [N], entropy [N]) = f(hidden, weight, bias, targets, call, objective)``: :func:`single_pass`
-    forward; backward hands back the gradients for the incoming ``dL`` (formed then, for one chunk)."""
+    """``(loss, logp [N], entropy [N]) = f(hidden, weight, bias, targets, call, objective, *objective.inputs)``:
+    :func:`single_pass` forward; backward hands back the gradients for the incoming ``dL`` (formed then, for one
+    chunk), and the objective's ``input_grads`` times ``dL``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective):
+    def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective, *inputs):
         ctx.set_materialize_grads(False)
         ctx.call, ctx.device = call, hidden.device
         with _autocast_off(hidden.device):
             loss, stats, ctx.acc = single_pass(hidden, weight, bias, targets, call, objective, ctx.needs_input_grad[:3])
+        ctx.input_grads = tuple(objective.input_grads) if inputs else ()
+        ctx.num_inputs = len(inputs)
         ctx.mark_non_differentiable(stats.logp, stats.entropy)
         return loss, stats.logp, stats.entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
-            return (None,) * 6
+            return (None,) * (6 + ctx.num_inputs)
         if ctx.acc is None:
             raise RuntimeError("backward ran twice through a fused single pass: retain_graph=True is not supported")
         acc, ctx.acc = ctx.acc, None
@@ -495,7 +505,9 @@ class SinglePassFunction(torch.autograd.Function):
             gathered.release()
             raise
         gathered.release_after_accumulation([p for p, g in ((acc.weight, dw), (acc.bias, db)) if g is not None])
-        return dx, dw, db, None, None, None
+        inputs = tuple(None if g is None else g * grad_loss for g in ctx.input_grads)
+        ctx.input_grads = None
+        return dx, dw, db, None, None, None, *inputs
 
 
 def logprobs(hidden, weight, bias, targets, call: ChunkedHead, strategy: str = "two_phase") -> TokenStats:
