@@ -48,9 +48,10 @@ def run_plans(
     config: PolicyLossConfig,
     modes: list[str],
     device: str | DeviceProfile,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, Plan]:
     """``fused_gspo.explain`` for each mode: ``tokens`` valid tokens in rows of ``row_lengths``, off-policy (the
-    benchmark's ``old_logps`` are perturbed), the config's workspace budget, backend ``"auto"``."""
+    benchmark's ``old_logps`` are perturbed), the config's workspace budget, backend ``"auto"``, under ``autocast``."""
     return {
         mode: explain(
             tokens,
@@ -63,6 +64,7 @@ def run_plans(
             row_lengths=row_lengths,
             mode=mode,
             on_policy=False,
+            autocast=autocast,
         )
         for mode in modes
     }
@@ -77,6 +79,7 @@ def recorded_plans(
     config: PolicyLossConfig,
     modes: list[str],
     device: torch.device,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, dict]:
     """What a benchmark run records under ``"plan"``: per mode, ``explain(..., device="cuda")`` on a GPU (the
     ``"cpu"`` profile on CPU) as ``Plan.to_dict(per_chunk=True)``; a mode the planner fails on gets ``{"error": ...}``
@@ -85,7 +88,7 @@ def recorded_plans(
     out = {}
     for mode in modes:
         try:
-            plan = run_plans(tokens, hidden, vocab, dtype, row_lengths, config, [mode], profile)[mode]
+            plan = run_plans(tokens, hidden, vocab, dtype, row_lengths, config, [mode], profile, autocast)[mode]
             out[mode] = plan.to_dict(per_chunk=True)
         except Exception as exc:  # noqa: BLE001  (the measured figures matter more than the prediction)
             out[mode] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -97,6 +100,8 @@ def run_explain(settings: Settings, command: list[str], json_path: str | None) -
     profile = settings.device_profile
     dtype = DTYPES[settings.dtype_name]
     shape_text = f"H={settings.hidden}, V={settings.vocab}, {settings.dtype_name}"
+    if settings.autocast is not None:
+        shape_text += f" under torch.autocast({settings.autocast})"
     print(f"fused-gspo-bench --explain: the plan fused_policy_loss makes on device profile {profile!r}; nothing is run")
     runs = []
     for tokens in settings.token_counts:
@@ -104,8 +109,9 @@ def run_explain(settings: Settings, command: list[str], json_path: str | None) -
         shape = Shape(tokens, settings.hidden, settings.vocab, seq_len, dtype)
         lengths, exact = layout_row_lengths(shape, settings.seed, settings.valid_frac)
         valid = sum(lengths)
+        autocast = DTYPES[settings.autocast] if settings.autocast is not None else None
         plans = run_plans(
-            valid, settings.hidden, settings.vocab, dtype, lengths, settings.config, settings.modes, profile
+            valid, settings.hidden, settings.vocab, dtype, lengths, settings.config, settings.modes, profile, autocast
         )
         layout = f"N={tokens} tokens (B={shape.batch} x T={seq_len}, {valid} valid)"
         print(f"\n{layout}, {shape_text} | {settings.objective()}")
