@@ -85,7 +85,7 @@ set_cmd() {  # the command of step $1, in CMD
       ((DRY)) && CMD=(env TRITON_INTERPRET=1 "${CMD[@]}" --device cpu --backend torch --tokens 64 --seq-len 16
                       --hidden 32 --vocab 384 --lean-workspace 8192) ;;
     trainer)
-      CMD=("$PY" bench/gpu_trainer.py --max-seconds 100 --json "$WORK/trainer.json")
+      CMD=("$PY" bench/gpu_trainer.py --max-seconds 80 --json "$WORK/trainer.json")
       ((DRY)) && CMD+=(--tiny --device cpu) ;;
     checks)
       CMD=("$PY" bench/gpu_checks.py --json "$WORK/gpu-checks.json")

@@ -218,13 +218,14 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def scan(trainer, args, device, vocab, started: float) -> dict:
+def scan(trainer, args, device, vocab, started: float, save=lambda out: None) -> dict:
     """The longest completion at ``--scan-batch`` rows that fits, per flag (the first out-of-memory length ends a
-    flag's scan)."""
+    flag's scan); ``save(out)`` after each step, so that a run stopped from outside keeps what it measured."""
     out = {"batch": args.scan_batch, "lengths": args.scan_lengths, "max_seconds": args.max_seconds}
     for flag in (False, True):
         key = "flag_on" if flag else "flag_off"
         rows, longest = [], None
+        out[key] = {"longest_that_fits": longest, "steps": rows}
         for length in args.scan_lengths:
             if time.perf_counter() - started > args.max_seconds:
                 rows.append({"completion": length, "status": "skipped: out of time (--max-seconds)"})
@@ -243,9 +244,11 @@ def scan(trainer, args, device, vocab, started: float) -> dict:
                 break
             del inputs
             _release(device)
+            out[key]["longest_that_fits"] = longest
+            save(out)
             print(f"  scan {key} completion {length}: {rows[-1]['status']} {rows[-1].get('ms', 0):.0f} ms "
                   f"peak {rows[-1].get('peak_mib')} MiB", flush=True)  # fmt: skip
-        out[key] = {"longest_that_fits": longest, "steps": rows}
+        save(out)
     off, on = out["flag_off"]["longest_that_fits"], out["flag_on"]["longest_that_fits"]
     out["longest_on_over_off"] = on / off if off and on else None
     return out
@@ -283,16 +286,24 @@ def main(argv: list[str] | None = None) -> int:
     vocab = config.vocab_size
     print(f"GRPOTrainer on a {report['parameters'] / 1e9:.2f}B-parameter Qwen3 ({device_info(device)['name']}), "
           f"built in {built_s:.1f} s", flush=True)  # fmt: skip
+
+    def save(scan_so_far=None):
+        if scan_so_far is not None:
+            report["completion_scan"] = scan_so_far
+        report["seconds"] = time.perf_counter() - started
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
     report["timed_step"] = timed(trainer, args, device, vocab)
+    save()
     print(json.dumps(report["timed_step"], indent=1, default=str), flush=True)
-    report["completion_scan"] = scan(trainer, args, device, vocab, time.perf_counter())
+    report["completion_scan"] = scan(trainer, args, device, vocab, time.perf_counter(), save)
     scan_out = report["completion_scan"]
     print(f"longest completion at batch {args.scan_batch}: flag off {scan_out['flag_off']['longest_that_fits']}, "
           f"flag on {scan_out['flag_on']['longest_that_fits']} (on/off {scan_out['longest_on_over_off']})")  # fmt: skip
-    report["seconds"] = time.perf_counter() - started
+    save(scan_out)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"JSON written to {args.json}")
     timed_ok = all(report["timed_step"].get(k, {}).get("status") == "ok" for k in ("flag_off", "flag_on"))
     return 0 if timed_ok else 1
