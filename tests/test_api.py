@@ -684,7 +684,7 @@ def _near(logps: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
 @pytest.mark.gpu
 # the three entry points, fp32 master weights (and bias) under bf16 autocast
 @pytest.mark.parametrize("entry", ["fused_policy_loss", "fused_logprobs", "fused_preference_loss"])
-def test_gpu_autocast_runs_bf16_gemms_with_fp32_master_weights(entry):
+def test_gpu_autocast_runs_bf16_gemms_with_fp32_master_weights(entry, planned_chunks):
     """Under ``torch.autocast("cuda", torch.bfloat16)`` every GEMM of the head sees bf16 operands, the loss and
     log-probs are those of the bf16-rounded inputs to the bit, and the gradients come back fp32 (the bf16 run's,
     to its rounding). Outside autocast the same fp32 inputs run fp32 GEMMs."""
@@ -716,6 +716,7 @@ def test_gpu_autocast_runs_bf16_gemms_with_fp32_master_weights(entry):
 
     fp32 = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
     recorder = _GemmOperands()
+    before = len(planned_chunks)
     with torch.autocast("cuda", dtype=torch.bfloat16), recorder:
         value, logps = call(*fp32)
         grads = torch.autograd.grad(value, fp32)
@@ -723,8 +724,10 @@ def test_gpu_autocast_runs_bf16_gemms_with_fp32_master_weights(entry):
     assert recorder.seen, "no GEMM ran"
     assert {dtype for operands in recorder.seen for dtype, _ in operands} == {torch.bfloat16}, recorder.seen
     bf16 = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight, bias)]
+    autocast_plans = planned_chunks[before:]
     ref_value, ref_logps = call(*bf16)
     ref_grads = torch.autograd.grad(ref_value, bf16)
+    assert planned_chunks[before + len(autocast_plans) :] == autocast_plans  # the same chunks: the same GEMMs
     assert torch.equal(value, ref_value) and torch.equal(logps, ref_logps)
     for got, want in zip(grads, ref_grads, strict=True):
         assert rel_err(got, want) < 1e-2
