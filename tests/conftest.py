@@ -6,6 +6,7 @@ skipped where no CUDA device is present.
 """
 
 import contextlib
+import itertools
 import os
 from unittest import mock
 
@@ -302,3 +303,79 @@ def planned_chunks(monkeypatch):
 
         monkeypatch.setattr(module, "run_planned", recording)
     return seen
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Random objectives, and packed batches with their padded twins (tests/test_api.py, tests/test_policy.py)
+
+import fused_gspo  # noqa: E402
+
+SEQUENCE_TRAINERS = ("gmpo", "rloo")
+
+
+@st.composite
+def objectives(draw):
+    """A random objective and the inputs it needs: (config overrides, :func:`draw_problem` options)."""
+    loss_type = draw(st.sampled_from(fused_gspo.LOSS_TYPES))
+    trainer_only = loss_type in SEQUENCE_TRAINERS
+    cfg = {"loss_type": loss_type}
+    if not trainer_only:
+        cfg["importance_sampling_level"] = draw(st.sampled_from(fused_gspo.LEVELS))
+        cfg["off_policy_mask_threshold"] = draw(st.sampled_from([None, 0.02]))
+        cfg["entropy_coef"] = draw(st.sampled_from([0.0, 0.05]))
+        if loss_type != "cispo":
+            cfg["delta"] = draw(st.sampled_from([None, 1.6]))
+    if loss_type != "rloo":
+        cfg["beta"] = draw(st.sampled_from([0.0, 0.04]))
+        cfg["use_bias_correction_kl"] = draw(st.booleans())
+        cfg["top_entropy_quantile"] = draw(st.sampled_from([1.0, 1.0, 0.6]))
+    cfg["epsilon"] = 0.4 if loss_type == "gmpo" else 0.2
+    cfg["epsilon_high"] = draw(st.sampled_from([None, 0.28 if loss_type != "cispo" else 4.0]))
+    cfg["temperature"] = draw(st.sampled_from([1.0, 0.7]))
+    cfg["logit_scale"] = draw(st.sampled_from([1.0, 0.5]))
+    cfg["final_logit_softcapping"] = draw(st.sampled_from([None, 3.0]))
+    opts = {
+        "off_policy": draw(st.booleans()),
+        "with_ref": cfg.get("beta", 0.0) != 0.0,
+        "with_sampling": not trainer_only and draw(st.booleans()),
+        "is_ratio_shape": None if trainer_only else draw(st.sampled_from([None, "token", "sequence"])),
+        "per_token_advantages": not trainer_only and draw(st.booleans()),
+        "with_bias": draw(st.booleans()),
+        "empty_row": draw(st.booleans()),
+    }
+    return cfg, opts
+
+
+def draw_packed_problem(
+    lengths: list[int], H: int, V: int, *, seed: int, sequence_old_logps: bool = False, holes: bool = True, **opts
+):
+    """A packed batch of sequences of the given ``lengths`` (0: an empty completion; every position packed, its mask
+    with random holes unless ``holes=False``) and its padded twin, float64 inputs of a policy loss:
+    ``(packed, padded, keep)``.
+
+    The padded twin is ``[S, max(lengths) + 1]``: every row ends in positions the packed batch does not have (masked,
+    with random hidden states and ids that must not matter; a vLLM ratio of 1, which TRL's VESPO sums over them).
+    ``keep`` ``[S, T]`` marks the padded positions the packed batch holds, in its order. ``opts``:
+    :func:`draw_problem`'s (``per_token_advantages``, ``off_policy``, ``with_ref``, ``with_sampling``,
+    ``is_ratio_shape``, ``with_bias``); ``sequence_old_logps``: RLOO's per-sequence old log-probs (sums) ``[S]``."""
+    opts.pop("empty_row", None)  # the lengths say which sequences are empty
+    S, T = len(lengths), max(lengths, default=0) + 1
+    padded = draw_problem(S, T, H, V, seed=seed, **opts)
+    g = torch.Generator().manual_seed(seed + 1)
+    keep = torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # the positions both layouts hold
+    padded["completion_mask"] = ((torch.rand(S, T, generator=g) > (0.3 if holes else -1.0)) & keep).long()
+    ratio = padded.get("importance_sampling_ratio")
+    if ratio is not None and ratio.shape == (S, T):
+        padded["importance_sampling_ratio"] = torch.where(keep, ratio, 1.0)
+    if sequence_old_logps:
+        padded["old_logps"] = (padded["old_logps"] * padded["completion_mask"]).sum(-1)
+    packed = {}
+    for name, x in padded.items():
+        if name in ("weight", "bias") or x.shape[:1] != (S,) or x.dim() == 1:
+            packed[name] = x  # the head, and per-sequence values [S]
+        elif x.shape[:2] == (S, 1) and name == "importance_sampling_ratio":
+            packed[name] = x.squeeze(1)  # per sequence: [S, 1] padded, [S] packed
+        else:
+            packed[name] = x[keep]
+    packed["cu_seqlens"] = torch.tensor([0, *itertools.accumulate(lengths)])
+    return packed, padded, keep

@@ -6,10 +6,12 @@ import pytest
 import torch
 from conftest import (
     FINDINGS_ENV,
+    SEQUENCE_TRAINERS,
     backend_device,
     cast_problem,
     draw_problem,
     logits_staged_in,
+    objectives,
     record_finding,
     rel_err,
     run_policy_loss,
@@ -21,41 +23,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_gspo
 from fused_gspo import fused_logprobs, fused_policy_loss
-
-SEQUENCE_TRAINERS = ("gmpo", "rloo")
-
-
-@st.composite
-def objectives(draw):
-    """A random objective and the inputs it needs: (config overrides, problem options)."""
-    loss_type = draw(st.sampled_from(fused_gspo.LOSS_TYPES))
-    trainer_only = loss_type in SEQUENCE_TRAINERS
-    cfg = {"loss_type": loss_type}
-    if not trainer_only:
-        cfg["importance_sampling_level"] = draw(st.sampled_from(fused_gspo.LEVELS))
-        cfg["off_policy_mask_threshold"] = draw(st.sampled_from([None, 0.02]))
-        cfg["entropy_coef"] = draw(st.sampled_from([0.0, 0.05]))
-        if loss_type != "cispo":
-            cfg["delta"] = draw(st.sampled_from([None, 1.6]))
-    if loss_type != "rloo":
-        cfg["beta"] = draw(st.sampled_from([0.0, 0.04]))
-        cfg["use_bias_correction_kl"] = draw(st.booleans())
-        cfg["top_entropy_quantile"] = draw(st.sampled_from([1.0, 1.0, 0.6]))
-    cfg["epsilon"] = 0.4 if loss_type == "gmpo" else 0.2
-    cfg["epsilon_high"] = draw(st.sampled_from([None, 0.28 if loss_type != "cispo" else 4.0]))
-    cfg["temperature"] = draw(st.sampled_from([1.0, 0.7]))
-    cfg["logit_scale"] = draw(st.sampled_from([1.0, 0.5]))
-    cfg["final_logit_softcapping"] = draw(st.sampled_from([None, 3.0]))
-    opts = {
-        "off_policy": draw(st.booleans()),
-        "with_ref": cfg.get("beta", 0.0) != 0.0,
-        "with_sampling": not trainer_only and draw(st.booleans()),
-        "is_ratio_shape": None if trainer_only else draw(st.sampled_from([None, "token", "sequence"])),
-        "per_token_advantages": not trainer_only and draw(st.booleans()),
-        "with_bias": draw(st.booleans()),
-        "empty_row": draw(st.booleans()),
-    }
-    return cfg, opts
 
 
 def _floats(metrics: dict) -> dict[str, float]:

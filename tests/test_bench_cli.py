@@ -147,13 +147,17 @@ def test_autocast_row_runs_every_contender_under_autocast(tmp_path, monkeypatch)
         (["--autocast", "bf16"], "--autocast needs --dtype fp32"),
         (["--autocast", "bf16", "--dtype", "bf16"], "--autocast needs --dtype fp32"),
         (["--autocast", "bf16", "--dtype", "fp32", "--objective", "dpo"], "and a policy objective"),
+        # issue 23: a budget the planner refuses was a traceback, --plot with --explain silently wrote nothing
+        (["--explain", "--workspace-bytes", "100"], "--explain: workspace_bytes=100 cannot hold one token's logits"),
+        (["--explain", "--plot", "plan.png"], "--plot draws measured time and memory, and --explain measures"),
     ],
 )
 def test_bad_argument_exits_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main([*argv, "--device", "cpu"])
     assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert message in err and out == ""  # nothing printed before the usage error
 
 
 def test_unknown_profile_message_lists_every_profile(capsys):
@@ -208,6 +212,20 @@ def test_explain_on_the_cpu_profile_takes_the_cpu_defaults(monkeypatch, capsys):
     shape = bench.Shape(512, 256, 8192, bench.default_seq_len(512), torch.float32)
     lengths, exact = bench.layout_row_lengths(shape, 0, 0.5)
     assert exact and f"{sum(lengths)} valid)" in out
+
+
+# GMPO and RLOO take no importance-sampling level: without --level they run (issue 23: the GSPO default "sequence"
+# was applied to them, and their config refused it), measured and explained
+@pytest.mark.parametrize("loss_type", ["gmpo", "rloo"])
+def test_sequence_trainers_run_without_a_level(tmp_path, monkeypatch, capsys, loss_type):
+    report = run_main(tmp_path, "--loss-type", loss_type, "--contenders", "torch,eager", "--modes", "fwd_bwd")
+    assert report["config"]["loss"]["loss_type"] == loss_type
+    assert report["config"]["loss"]["importance_sampling_level"] == "token"
+    assert all(r["check"]["status"] == "pass" for r in report["runs"][0]["results"])
+    capsys.readouterr()
+    _nothing_runs(monkeypatch)
+    assert bench.main(["--explain", "--device", "cpu", "--loss-type", loss_type, "--modes", "fwd_bwd"]) == 0
+    assert f"loss_type={loss_type} level=token" in capsys.readouterr().out
 
 
 def test_python_dash_m_runs_the_cli():

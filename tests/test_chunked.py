@@ -70,6 +70,38 @@ def test_single_pass_runs_the_chunk_objective_protocol():
     assert rel_err(hidden.grad, ref_h.grad) < 1e-5 and rel_err(weight.grad, ref_w.grad) < 1e-5
 
 
+class ScaledSumObjective(SumObjective):
+    """L = scale * sum of log-probs, ``scale`` a tensor input of the objective's own (dL/dscale = sum of log-probs)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.inputs = (scale,)
+        self.scale = scale.detach()
+
+    def grad(self, start, stop, stats):
+        return self.scale * torch.ones_like(stats.logp), None
+
+    def finish(self, stats):
+        self.input_grads = (stats.logp.sum(),)
+        return (self.scale * stats.logp.sum()).detach()
+
+
+def test_single_pass_hands_the_objective_s_own_inputs_their_gradient():
+    """Inputs passed after the objective get its ``input_grads``, times the incoming gradient (issue 23)."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (5,), generator=g)
+    objective = ScaledSumObjective(scale)
+    loss, _, _ = SinglePassFunction.apply(hidden, weight, None, targets, _call([(0, 3), (3, 5)]), objective, scale)
+    got = torch.autograd.grad(3.0 * loss, [hidden, weight, scale])
+    ref_loss = scale * torch.log_softmax(hidden @ weight.t(), -1).gather(-1, targets.unsqueeze(-1)).sum()
+    want = torch.autograd.grad(3.0 * ref_loss, [hidden, weight, scale])
+    assert rel_err(loss, ref_loss) < 1e-14
+    assert all(rel_err(a, b) < 1e-13 for a, b in zip(got, want, strict=True))
+
+
 def test_gradient_output_is_scaled_in_place():
     """The saved fp32 gradients are scaled without a second fp32 copy (fp32 inputs get the accumulator itself back);
     16-bit inputs get one fused scale-and-cast."""

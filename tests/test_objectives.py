@@ -593,3 +593,30 @@ def test_high_entropy_mask_float64_departure():
     ours = high_entropy_mask(entropy[None], mask.to(F64), 0.6)
     assert not theirs[0, 15] and ours[0, 15]
     assert torch.equal(ours[0, 16:], theirs[0, 16:]) and not ours[0, :15].any() and not theirs[0, :15].any()
+
+
+# ------------------------------------------------------------------------------------------------ packed selections
+
+
+def test_a_selection_of_packed_rows_reads_its_inputs_as_the_whole_batch_does():
+    """Sequences of 1, 0, 2 and 3 tokens; rows 0-2 hold 3 positions, as many as rows. Their selection keeps per-token
+    inputs per token and per-row ones per row, as decided on the whole batch (issue 23), and its objective is the
+    whole batch's restricted to those rows."""
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 1, 1, 3, 6])
+    mask = torch.ones(6, dtype=F64)
+    logps = -torch.rand(6, generator=g, dtype=F64)
+    old = logps + 0.1 * torch.randn(6, generator=g, dtype=F64)
+    for advantages in (torch.randn(6, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)):
+        batch = PolicyBatch(mask, advantages, old_logps=old, cu_seqlens=cu)
+        selected = batch.select_rows(0, 3)
+        cfg = _config(loss_type="dapo", importance_sampling_level="sequence")
+        norms = Normalizers.of(batch, cfg)
+        part = policy_objective(logps[:3], torch.zeros(3, dtype=F64), selected, cfg, norms)
+        whole_mask = torch.cat([mask[:3], torch.zeros(3, dtype=F64)])  # rows 0-2 only: the rest weighs nothing
+        rest = PolicyBatch(whole_mask, advantages, old_logps=old, cu_seqlens=cu)
+        whole = policy_objective(logps, torch.zeros(6, dtype=F64), rest, cfg, norms)
+        assert torch.allclose(part.loss, whole.loss, rtol=1e-14, atol=0)
+        assert torch.equal(selected.advantages, advantages[:3]) and torch.equal(selected.old_logps, old[:3])
+        assert selected.is_per_row("advantages") == (advantages.shape == (4,))
+        assert not selected.is_per_row("old_logps")

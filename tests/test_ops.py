@@ -1,9 +1,11 @@
 """``torch.compile``: the custom operators, a training step compiled whole (``fullgraph=True``) equal to eager, and
 no recompilation when the data or (marked dynamic) the shapes change."""
 
+import itertools
+
 import pytest
 import torch
-from conftest import draw_problem, rel_err
+from conftest import draw_packed_problem, draw_problem, rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fused_gspo
@@ -163,13 +165,18 @@ def test_value_checks_run_inside_the_operator():
 
 
 # the operators' registrations (schema, fake tensors, autograd) as PyTorch checks them
-@pytest.mark.parametrize("needs", [[True, True, False], [False, True, False], [False, False, False]])
+# needs: hidden, weight, bias, advantages, completion_mask, old_logps, ref_logps, sampling_logps, importance ratio
+@pytest.mark.parametrize(
+    "needs",
+    [[True, True, False] + [False] * 6, [False, True, False] + [False] * 6, [False] * 9,
+     [True, True, False, True, False, True, False, False, False]],
+)  # fmt: skip
 def test_opcheck_policy_loss(needs):
     config = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence_token")
     x, weight, _, rest = _inputs(seed=4)
     args = (x, weight.detach(), None, rest["completion_ids"], rest["advantages"], rest["completion_mask"],
-            rest["old_logps"], None, None, None, None, None, ops.config_key(config), "torch", needs,
-            torch.float32)  # fmt: skip
+            rest["old_logps"], None, None, None, None, None, None, *ops.config_args(config), "torch",
+            needs, torch.float32)  # fmt: skip
     torch.library.opcheck(ops.policy_loss_op, args)
 
 
@@ -178,11 +185,122 @@ def test_opcheck_logprobs():
     ids = rest["completion_ids"].reshape(-1)
     h = x.reshape(-1, x.shape[-1])
     head = HeadParams(temperature=0.8, softcap=4.0)
-    args = (h, weight.detach(), bias.detach(), ids, head.temperature, head.logit_scale, head.softcap, "torch", "auto",
+    args = (h, weight.detach(), bias.detach(), ids, head.temperature, head.logit_scale, head.softcap, "torch", 0,
             [True, True, True], torch.float32, "auto")  # fmt: skip
     torch.library.opcheck(ops.logprobs_op, args)
 
 
-def test_config_round_trips_through_the_operator_key():
-    config = PolicyLossConfig(loss_type="vespo", epsilon_high=0.3, delta=None, workspace_bytes=1 << 20, beta=0.1)
-    assert ops._config(ops.config_key(config)) == config
+def test_config_round_trips_through_the_operator_arguments():
+    for config in (
+        PolicyLossConfig(loss_type="vespo", epsilon_high=0.3, delta=None, workspace_bytes=1 << 20, beta=0.1),
+        PolicyLossConfig(loss_type="dr_grpo", epsilon=0.1 + 0.2, max_completion_length=None, steps_per_generation=4,
+                         top_entropy_quantile=0.7, gradient_accumulation_steps=2, entropy_coef=1e-3),
+    ):  # fmt: skip
+        key, numbers = ops.config_args(config)
+        back = ops._config(key, numbers)
+        assert back == config
+        assert all(type(getattr(back, f)) is type(getattr(config, f)) for f in ops._FIELDS)  # ints stay ints
+        assert ops._key_shapes(key) == (fused_gspo.objectives.metric_names(config), config.top_entropy_quantile < 1)
+
+
+# A config passed to the compiled step as an argument: a new one recompiles, and a number that changed is traced as a
+# symbol from then on (with dynamic=True from the first call), which the operator takes as a tensor (issue 23: a
+# second config crashed, "repr_impl not implemented"); each call equals eager mode
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_step_takes_new_configs(dynamic):
+    x, weight, bias, rest = _inputs(seed=8, with_ref=True)
+    model = _model(x.shape[-1])
+
+    def step(x, config, completion_ids, advantages, completion_mask, **optional):
+        out = fused_gspo.fused_policy_loss(model(x), weight, completion_ids, advantages, completion_mask,
+                                           config=config, backend="torch", **optional)  # fmt: skip
+        return out.loss, out.metrics
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    configs = [
+        PolicyLossConfig(loss_type="dr_grpo", epsilon=0.2, max_completion_length=6),
+        PolicyLossConfig(loss_type="dr_grpo", epsilon=0.3, max_completion_length=6),  # a float changes
+        PolicyLossConfig(loss_type="dr_grpo", epsilon=0.25, beta=0.04, max_completion_length=8),  # more, and an int
+        PolicyLossConfig(loss_type="dr_grpo", epsilon=0.25, beta=0.04, max_completion_length=8, entropy_coef=0.1),
+    ]
+    for config in configs:
+        loss, metrics = compiled(x, config, **rest)
+        ref_loss, ref_metrics = step(x, config, **rest)
+        assert rel_err(loss, ref_loss) < 1e-6 and metrics.keys() == ref_metrics.keys()
+        assert all(abs(float(metrics[k]) - float(ref_metrics[k])) < 1e-6 for k in metrics)
+        grads, ref_grads = _grads(loss, model, weight, None), _grads(ref_loss, model, weight, None)
+        assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads, strict=True))
+
+
+# fused_logprobs with its default arguments, and with a temperature and a budget, under dynamic=True: every float is
+# symbolic from the first call (issue 23: the config's checks called math.isfinite on one)
+def test_compiled_fused_logprobs_with_dynamic_numbers():
+    x, weight, _, rest = _inputs(seed=9)
+    ids = rest["completion_ids"]
+
+    def step(x, ids, temperature=None, workspace_bytes=None):
+        options = {} if temperature is None else dict(temperature=temperature, workspace_bytes=workspace_bytes)
+        return fused_gspo.fused_logprobs(x, weight, ids, backend="torch", **options)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for args in ((), (0.7, 29 * 4 * 9), (1.3, 29 * 4 * 15)):
+        logp = compiled(x, ids, *args)
+        ref = step(x, ids, *args)
+        assert rel_err(logp, ref) < 1e-6
+        assert rel_err(torch.autograd.grad(logp.sum(), weight)[0], torch.autograd.grad(ref.sum(), weight)[0]) < 1e-5
+
+
+# the objective's own inputs that require grad (advantages, old log-probs, the vLLM ratio) get the eager gradient
+# through the operator, single pass and two phases (issue 23: dropped by the single pass)
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])
+def test_compiled_step_gives_the_objective_s_inputs_their_gradient(top_entropy_quantile):
+    config = PolicyLossConfig(loss_type="dapo", top_entropy_quantile=top_entropy_quantile, workspace_bytes=29 * 4 * 9)
+    x, weight, bias, rest = _inputs(seed=7, is_ratio_shape="token", per_token_advantages=True)
+    for name in ("advantages", "old_logps", "importance_sampling_ratio"):
+        rest[name].requires_grad_()
+    step = _step(_model(x.shape[-1]), weight, bias, config)
+    leaves = [weight, rest["advantages"], rest["old_logps"], rest["importance_sampling_ratio"]]
+    loss, _, _ = torch.compile(step, fullgraph=True, backend="aot_eager")(x, **rest)
+    ref_loss, _, _ = step(x, **rest)
+    assert rel_err(loss, ref_loss) < 1e-6
+    grads, ref_grads = torch.autograd.grad(1.5 * loss, leaves), torch.autograd.grad(1.5 * ref_loss, leaves)
+    assert all(float(r.norm()) > 0 and rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads, strict=True))
+
+
+# position_ids under fullgraph=True: the sequences they mark are data, found inside the operator (issue 23: a guard
+# on int(starts[0]) broke the graph); new boundaries recompile only for the per-sequence advantages' new shape, once
+def test_compiled_step_takes_position_ids():
+    packed, _, _ = draw_packed_problem([2, 3, 1, 4], 8, 29, seed=10, off_policy=True)
+    x = packed.pop("hidden").float()
+    weight = packed.pop("weight").float().requires_grad_()
+    cu = packed.pop("cu_seqlens")
+    rest = {k: (v.float() if v.dtype == torch.float64 else v) for k, v in packed.items()}
+    model = _model(x.shape[-1])
+    config = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", workspace_bytes=29 * 4 * 3 * 4)
+
+    def step(x, completion_ids, advantages, completion_mask, old_logps, position_ids=None, cu_seqlens=None):
+        out = fused_gspo.fused_policy_loss(
+            model(x), weight, completion_ids, advantages, completion_mask, old_logps=old_logps, config=config,
+            position_ids=position_ids, cu_seqlens=cu_seqlens, backend="torch",
+        )  # fmt: skip
+        return out.loss, out.logps
+
+    def position_ids_of(cu):
+        return torch.cat([torch.arange(int(b - a)) for a, b in itertools.pairwise(cu.tolist())])
+
+    explanation = torch._dynamo.explain(step)(x, **rest, position_ids=position_ids_of(cu))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    # the same positions cut into other sequences (no empty one: position ids cannot mark those), per-sequence
+    # advantages of the new count
+    for cut in (cu, torch.tensor([0, 4, 5, 10]), torch.tensor([0, 7, 10])):
+        inputs = dict(rest, advantages=torch.randn(len(cut) - 1, generator=torch.Generator().manual_seed(len(cut))))
+        loss, logps = compiled(x, **inputs, position_ids=position_ids_of(cut))
+        ref_loss, ref_logps = step(x, **inputs, cu_seqlens=cut)
+        assert rel_err(loss, ref_loss) < 1e-6 and rel_err(logps, ref_logps) < 1e-6
+        grads, ref_grads = _grads(loss, model, weight, None), _grads(ref_loss, model, weight, None)
+        assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads, strict=True))
+    assert counter.frame_count == 2  # [S] advantages: S = 4, then a dynamic S
+    with pytest.raises(ValueError, match="position_ids must start a sequence"):
+        compiled(x, **inputs, position_ids=position_ids_of(cut) + 1)

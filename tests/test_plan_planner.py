@@ -116,6 +116,19 @@ def test_tiny_problems_where_launches_dominate_may_take_two_phases():
     assert _choose(tiny, "token", None, budget, get_profile("cpu")).strategy == "single_pass"
 
 
+@pytest.mark.parametrize("coupling", ["token", "sequence", "global"])
+def test_nothing_to_score_takes_the_strategy_whose_collectives_the_other_processes_make(coupling):
+    """No token: no chunk either way, but the globally coupled objective gathers every process's entropies in the
+    two phases only, so a process without tokens takes them too."""
+    problem = Problem(0, 64, 100, torch.bfloat16)
+    for profile in ("cpu", "h100"):
+        plan = _choose(problem, coupling, [0, 0], 1 << 20, get_profile(profile))
+        assert plan.strategy == ("two_phase" if coupling == "global" else "single_pass") and plan.bounds == []
+        assert (
+            _choose(problem, coupling, [0, 0], 1 << 20, get_profile(profile), mode="logprobs").strategy != "single_pass"
+        )
+
+
 def test_chunks_are_balanced():
     assert planner.token_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
     assert planner.token_bounds(0, 3) == [] and planner.token_bounds(2, 5) == [(0, 1), (1, 2)]

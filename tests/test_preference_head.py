@@ -243,3 +243,58 @@ def test_bad_inputs_are_refused():
     with pytest.raises(TypeError, match="DPOLossConfig or a CPOLossConfig"):
         fused_gspo.fused_preference_loss(problem["hidden"], problem["weight"], problem["completion_ids"],
                                          problem["completion_mask"], config=fused_gspo.PolicyLossConfig())  # fmt: skip
+
+
+# Every tensor that may carry a gradient: hidden, weight, bias, and a MoE aux loss made differentiable in a stand-in
+# router (issue 23: the single pass gave the router no gradient); the reference log-probs too, which the loss reads
+# detached as TRL does (no gradient on any path). The eager gradients to float64 rounding on both chunked backends
+# (the Triton backend's float64 chunks go to the PyTorch tile ops), and in float32 through the Triton kernels.
+@pytest.mark.parametrize(
+    "backend,dtype,tol",
+    [("torch", torch.float64, 1e-12), ("triton", torch.float64, 1e-12), ("triton", torch.float32, 3e-5)],
+)
+@pytest.mark.parametrize(
+    "config,pairs_per_chunk,strategy",
+    [
+        (DPOLossConfig(loss_type="sigmoid", router_aux_loss_coef=0.5), 2, "single_pass"),
+        (CPOLossConfig(loss_type="simpo", router_aux_loss_coef=0.5, simpo_gamma=0.1, cpo_alpha=1.0), 2, "single_pass"),
+        (DPOLossConfig(loss_type="aot", router_aux_loss_coef=0.5), 2, "two_phase"),  # couples every pair
+        (CPOLossConfig(loss_type="sigmoid", router_aux_loss_coef=0.5), 0, "two_phase"),  # a pair outgrows a chunk
+    ],
+    ids=["dpo-sigmoid", "cpo-simpo", "dpo-aot", "cpo-small-workspace"],
+)
+def test_every_input_that_requires_grad_gets_the_eager_gradient(monkeypatch, backend, dtype, tol, config,
+                                                                pairs_per_chunk, strategy):  # fmt: skip
+    problem = draw_pairs(3, 4, 6, 23, seed=8, with_bias=True)
+    if isinstance(config, CPOLossConfig):
+        del problem["ref_chosen_logps"], problem["ref_rejected_logps"]
+    problem["router"] = torch.randn(5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    longest = int((problem["completion_mask"][:3].sum(1) + problem["completion_mask"][3:].sum(1)).max())
+    ops = fused_gspo.backends.tile_ops_for(backend)
+    tokens = max(pairs_per_chunk * longest, 2)  # pairs_per_chunk 0: two tokens, less than any pair
+    workspace = tokens * 23 * dtype.itemsize * (1 + ops.temporaries)
+    seen = _spy(monkeypatch)
+
+    def grads(backend, **options):
+        # the reference sees the backend's rounded inputs, in float64
+        leaves = {k: v.to(dtype).to(dtype if backend != "eager" else torch.float64).requires_grad_()
+                  for k, v in problem.items() if v.is_floating_point()}  # fmt: skip
+        router = leaves.pop("router")
+        aux_loss = (router.softmax(0) * router).sum()  # any differentiable function of the router
+        inputs = {**{k: v for k, v in problem.items() if k != "router"}, **leaves}
+        out = fused_gspo.fused_preference_loss(**inputs, aux_loss=aux_loss, config=config, backend=backend, **options)
+        leaves["router"] = router
+        return out.loss, dict(zip(leaves, torch.autograd.grad(out.loss, list(leaves.values()), allow_unused=True),
+                                  strict=True))  # fmt: skip
+
+    loss, got = grads(backend, workspace_bytes=workspace)
+    assert (seen != []) == (strategy == "single_pass")
+    ref_loss, want = grads("eager")
+    assert rel_err(loss, ref_loss, floor=0.1) < tol
+    assert got.keys() == want.keys() and {"hidden", "weight", "bias", "router"} <= got.keys()
+    for name, ref_grad in want.items():
+        if name.startswith("ref_"):
+            assert ref_grad is None and got[name] is None, name
+        else:
+            assert ref_grad is not None and float(ref_grad.norm()) > 0 and got[name] is not None, name
+            assert got[name].dtype == dtype and rel_err(got[name], ref_grad) < tol, name

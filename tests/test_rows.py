@@ -43,7 +43,10 @@ def test_padded_rows_read_per_row_values_as_trl_does():
     rows = PaddedRows(torch.ones(3, 5))
     assert rows.is_per_row(torch.zeros(3)) and rows.is_per_row(torch.zeros(3, 1))
     assert not rows.is_per_row(torch.zeros(3, 5))
-    assert rows.broadcast(torch.ones(3)).shape == (3, 1) and rows.broadcast(torch.ones(3, 5)).shape == (3, 5)
+    assert rows.broadcast(torch.ones(3), True).shape == (3, 1) and rows.broadcast(torch.ones(3, 5), False).shape == (
+        3,
+        5,
+    )
     assert rows.row_starts() == [0, 5, 10, 15]
 
 
@@ -55,3 +58,17 @@ def test_cu_seqlens_from_position_ids():
         cu_seqlens_from_position_ids(torch.tensor([1, 2, 0]))
     with pytest.raises(ValueError, match="1-D"):
         cu_seqlens_from_position_ids(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_a_selection_of_rows_cannot_tell_per_row_from_per_token():
+    """Rows 0-2 of sequences of 1, 0, 2 and 3 tokens hold 3 positions: a [3] tensor of theirs could be per row or per
+    token, so a selection refuses to guess (issue 23); the whole batch (S != N, validated) still reads shapes."""
+    rows = PackedRows(torch.ones(6), torch.tensor([0, 1, 1, 3, 6]))
+    assert rows.is_per_row(torch.zeros(4)) and not rows.is_per_row(torch.zeros(6))
+    for sub in (rows.select(0, 3), PaddedRows(torch.ones(3, 5)).select(1, 3)):
+        with pytest.raises(RuntimeError, match="selection of rows"):
+            sub.is_per_row(torch.zeros(3))
+    sub = rows.select(0, 3)
+    values = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.equal(sub.broadcast(values, per_row=False), values)
+    assert torch.equal(sub.broadcast(values, per_row=True), torch.tensor([1.0, 3.0, 3.0]))

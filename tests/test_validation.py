@@ -61,3 +61,35 @@ def test_fused_logprobs_bad_targets():
         fused_logprobs(hidden, weight, torch.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="temperature"):
         fused_logprobs(hidden, weight, torch.tensor([0, 1, 2]), temperature=-1.0)
+
+
+# Under torch.compile the packed layout may come as position_ids, whose sequence count S is in the data (issue 23):
+# the shapes that do not depend on S are checked while tracing, a per-sequence [S] tensor is any 1-D one but [N]
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(position_ids=torch.zeros(5, dtype=torch.long)), r"position_ids must have shape \(6,\)"),
+        (dict(position_ids=torch.zeros(6)), "position_ids must be an integer tensor"),
+        (dict(advantages=torch.ones(6, 1)), "advantages must have 1 dimensions"),
+        (dict(ref_logps=torch.ones(4)), r"ref_logps must have shape \(6,\)"),
+        (dict(importance_sampling_ratio=torch.ones(3, 2)), "importance_sampling_ratio"),
+        (dict(loss_type="gmpo", epsilon=0.4), r"advantages must have shape \(S,\) for loss_type='gmpo'"),
+    ],
+)
+def test_packed_shapes_with_position_ids(change, match):
+    from fused_gspo.config import PolicyLossConfig  # noqa: PLC0415
+    from fused_gspo.validation import validate_policy_inputs  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden=torch.randn(6, 4, generator=g), weight=torch.randn(7, 4, generator=g),
+        completion_ids=torch.randint(0, 7, (6,), generator=g), advantages=torch.randn(6, generator=g),
+        completion_mask=torch.ones(6), old_logps=None, ref_logps=None, sampling_logps=None,
+        importance_sampling_ratio=torch.ones(3), num_items_in_batch=None, bias=None,
+        position_ids=torch.tensor([0, 1, 0, 1, 2, 0]),
+    )  # fmt: skip
+    config = PolicyLossConfig()
+    assert validate_policy_inputs(config, **inputs, values=False) is None  # [N] advantages, an [S] ratio: fine
+    cfg = {k: change.pop(k) for k in list(change) if k in ("loss_type", "epsilon")}
+    with pytest.raises((TypeError, ValueError), match=match):
+        validate_policy_inputs(config.replace(**cfg), **{**inputs, **change}, values=False)

@@ -25,6 +25,14 @@ def _resolve_config(config: PolicyLossConfig | None, overrides: dict) -> PolicyL
     return config.replace(**overrides) if overrides else config
 
 
+def _checked_head_options(temperature, logit_scale, softcap, logits_dtype) -> str:
+    """The head options checked as the loss's config checks them (by name); the normalized ``logits_dtype``."""
+    config = PolicyLossConfig(
+        temperature=temperature, logit_scale=logit_scale, final_logit_softcapping=softcap, logits_dtype=logits_dtype
+    )
+    return config.logits_dtype
+
+
 def _through_module(head: nn.Module, fn, *args):
     """``fn(*args)`` run as ``head``'s forward, so that whatever hooks the module sees the call: FSDP2 unshards the
     head's parameters before it, reshards them after, and reduce-scatters their gradients in the backward, exactly as
@@ -108,7 +116,8 @@ def fused_policy_loss(
     if position_ids is not None:
         if cu_seqlens is not None:
             raise ValueError("give cu_seqlens or position_ids, not both")
-        cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+        if not torch.compiler.is_compiling():  # compiled, the operator finds the sequences (data: no guard on them)
+            cu_seqlens, position_ids = cu_seqlens_from_position_ids(position_ids), None
     config = _resolve_config(config, config_overrides)
     # every optional tensor, handed on as one set to whichever path runs
     optional = dict(
@@ -119,6 +128,7 @@ def fused_policy_loss(
         num_items_in_batch=num_items_in_batch,
         bias=bias,
         cu_seqlens=cu_seqlens,
+        **({} if position_ids is None else {"position_ids": position_ids}),  # compiling only
     )
     if is_vocab_parallel(weight):  # a head split over the vocabulary across ranks: this rank's part of the call
         return vocab_parallel.run(
@@ -210,13 +220,7 @@ def fused_logprobs(
 
         logp, entropy = (t.view(targets.shape) for t in _through_module(head_module, forward, hidden))
         return (logp, entropy) if return_entropy else logp
-    # Validated through the config so the head options get the same checks as in the loss
-    logits_dtype = PolicyLossConfig(
-        temperature=temperature,
-        logit_scale=logit_scale,
-        final_logit_softcapping=final_logit_softcapping,
-        logits_dtype=logits_dtype,
-    ).logits_dtype
+    logits_dtype = _checked_head_options(temperature, logit_scale, final_logit_softcapping, logits_dtype)
     validate_workspace_bytes(workspace_bytes)
     compiling = torch.compiler.is_compiling()
     validate_logprob_inputs(hidden=hidden, weight=weight, targets=targets, bias=bias, values=not compiling)
@@ -354,12 +358,7 @@ def fused_preference_loss(
     from .preference.head import compute_preference_loss  # noqa: PLC0415
 
     config = _resolve_preference_config(config, config_overrides)
-    logits_dtype = PolicyLossConfig(
-        temperature=temperature,
-        logit_scale=logit_scale,
-        final_logit_softcapping=final_logit_softcapping,
-        logits_dtype=logits_dtype,
-    ).logits_dtype
+    logits_dtype = _checked_head_options(temperature, logit_scale, final_logit_softcapping, logits_dtype)
     validate_workspace_bytes(workspace_bytes)
     if is_vocab_parallel(weight):
         per_pair = dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, aux_loss=aux_loss,

@@ -31,10 +31,76 @@ from .plan.cost import ChunkFormat
 from .plan.runtime import chunk_format, operand_dtype
 from .tile_ops import TileOps
 
-# A context manager factory ``gather(weight, bias)`` that the recomputing backward re-enters to get the head's full
-# weight back, for training setups that release it after the forward (the TRL adapter sets TRL's ZeRO-3 gather).
-# None: the weight stays materialized, nothing to do.
+# A context manager factory ``gather(weight, bias)`` for training setups that release the head's weight after the
+# forward (DeepSpeed ZeRO-3; the TRL adapters set TRL's gather, which does nothing where ZeRO-3 is off or the weight is
+# already gathered). Every backward enters it (:class:`_BackwardGather`): the recomputing backward needs the weight's
+# values, and every backward needs the weight whole when autograd accumulates the gradient into it. None: the weight
+# stays materialized, nothing to do.
 weight_gather: contextvars.ContextVar = contextvars.ContextVar("fused_gspo_weight_gather", default=None)
+
+
+class _BackwardGather:
+    """The head's gather (:data:`weight_gather`), entered by a backward that finds the head released, and left once
+    autograd has accumulated the gradients that backward returns into the head's parameters.
+
+    ZeRO-3 releases the head's weight after the forward (the parameter's local tensor then has 0 elements), and
+    autograd accumulates a returned gradient into ``param.grad`` in the parameter's *current* shape: a ``[V, H]``
+    gradient handed back while the weight is released does not fit ("The size of tensor a (0) must match the size of
+    tensor b (H)"). Where the loss's backward comes through the head's or the model's output (the TRL adapters'
+    :class:`fused_gspo.trl.stand_in.LossRelay`, or the LM-head module passed to the public functions), ZeRO-3's own
+    pre-backward hook has gathered the head already: the gather is a no-op and nothing is held. Otherwise (a custom
+    loop that gathers the weight around the call itself) the gather is left from a post-accumulate-grad hook of each
+    parameter that gets a gradient (hooks run in the order they were registered: ZeRO-3's own, which reduces the
+    gradient, runs first), or at the end of the backward pass if autograd never accumulates one, never later. What
+    this cannot hold: a weight that a ZeRO-3 module also gathers in the same backward (an input embedding tied to the
+    head; DeepSpeed refuses to release a parameter a module is using): pass the LM-head module instead.
+    """
+
+    def __init__(self, gather: Callable | None, weight: torch.Tensor, bias: torch.Tensor | None):
+        context = None if gather is None else gather(weight, bias)
+        # Nothing to hold: no gather configured, or the gather found the weight materialized (ZeRO-3 off, or gathered
+        # by someone who will keep it so until the gradient is in)
+        self._context = None if isinstance(context, contextlib.nullcontext) else context
+        self._handles: list = []
+        if self._context is not None:
+            self._context.__enter__()
+
+    def release_after_accumulation(self, params) -> None:
+        """Leave the gather once each parameter in ``params`` that gets a gradient has been accumulated."""
+        if self._context is None:
+            return
+        pending = {id(p): p for p in params if p is not None and p.requires_grad and p.is_leaf}
+        if not pending:
+            self.release()
+            return
+
+        def accumulated(param: torch.Tensor) -> None:
+            pending.pop(id(param), None)
+            if not pending:
+                self.release()
+
+        self._handles = [p.register_post_accumulate_grad_hook(accumulated) for p in pending.values()]
+        torch.autograd.Variable._execution_engine.queue_callback(self.release)
+
+    @staticmethod
+    def check_materialized(weight: torch.Tensor, shape: torch.Size) -> None:
+        """A clear error for a weight released since the forward that no gather brought back."""
+        if weight.shape != shape:
+            raise RuntimeError(
+                f"the LM head's weight was {tuple(shape)} in the forward but is {tuple(weight.shape)} in the backward "
+                "(released after the forward, as DeepSpeed ZeRO-3 does): pass the LM-head module instead of its "
+                "weight, so that its hooks gather it for the backward, or set fused_gspo.chunked.weight_gather to "
+                "a factory of a context that gathers it"
+            )
+
+    def release(self) -> None:
+        """Leave the gather now (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        context, self._context = self._context, None
+        if context is not None:
+            context.__exit__(None, None, None)
 
 
 @dataclass(frozen=True)
@@ -73,7 +139,14 @@ class ChunkObjective(Protocol):
     The driver scores chunk ``[start, stop)`` of the valid tokens, then calls :meth:`grad` with its statistics; once
     every chunk is scored, :meth:`finish` with all of them. Implementations keep what they compute (the loss terms,
     the per-token log-probs) as attributes for the caller.
+
+    ``inputs``: the loss's own tensors that want a gradient besides the head's (advantages that require grad, a MoE
+    ``aux_loss``); the caller hands them to :class:`SinglePassFunction` after the objective, so autograd reaches them,
+    and :meth:`finish` sets ``input_grads``, ``dL/d`` each of them, in order.
     """
+
+    inputs: tuple[torch.Tensor, ...]
+    input_grads: tuple[torch.Tensor | None, ...]
 
     def grad(self, start: int, stop: int, stats: TokenStats) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(dL/dlogp, dL/dentropy)``, each ``[stop - start]`` or None for a term the loss does not have."""
@@ -165,7 +238,10 @@ class _GradAccumulators:
     """``dX`` (each chunk writes its own rows), ``dW`` and ``db`` (summed over chunks) in fp32 (fp64 for fp64)."""
 
     def __init__(self, hidden, weight, bias, needs, workspace: _Workspace):
-        self.hidden, self.weight, self.bias = hidden, weight, bias
+        # the head's parameters themselves (a backward may have to gather them: _BackwardGather); of the hidden
+        # states only the dtype, so that a single pass does not keep them alive until its backward
+        self.weight, self.bias = weight, bias
+        self.out_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         self.operand_dtype = workspace.fmt.operand_dtype
         self.weight_operand = workspace.weight_operand
         acc = torch.promote_types(torch.float32, self.operand_dtype)
@@ -175,6 +251,7 @@ class _GradAccumulators:
         # dW and db are written by the first chunk and summed into by the others (no zero fill: 4VH bytes saved)
         self.dx = torch.empty(hidden.shape, device=hidden.device, dtype=acc) if needs[0] else None
         self.dw = torch.empty(weight.shape, device=weight.device, dtype=acc) if needs[1] else None
+        self.weight_shape = weight.shape if needs[1] else None
         self.db = torch.empty(bias.shape, device=bias.device, dtype=acc) if (bias is not None and needs[2]) else None
         self.summed = False
 
@@ -203,17 +280,17 @@ class _GradAccumulators:
         if self.dx is not None and self.reduce_hidden_grad is not None:
             self.reduce_hidden_grad(self.dx)
         out = []
-        for acc, ref in ((self.dx, self.hidden), (self.dw, self.weight), (self.db, self.bias)):
+        for acc, dtype in zip((self.dx, self.dw, self.db), self.out_dtypes, strict=True):
             if acc is None:
                 out.append(None)
-            elif ref.dtype == acc.dtype:
+            elif dtype == acc.dtype:
                 out.append(acc if scale is None else acc.mul_(scale))
             elif scale is None:
-                out.append(acc.to(ref.dtype))
+                out.append(acc.to(dtype))
             elif self.scale_cast is not None:
-                out.append(self.scale_cast(acc, scale, ref.dtype))
+                out.append(self.scale_cast(acc, scale, dtype))
             else:
-                out.append(torch.mul(acc, scale, out=torch.empty_like(acc, dtype=ref.dtype)))
+                out.append(torch.mul(acc, scale, out=torch.empty_like(acc, dtype=dtype)))
         return out
 
 
@@ -221,42 +298,54 @@ class _OneChunk:
     """The one-chunk schedule between its forward and backward: a single pass whose one chunk holds every token keeps
     its staged tile, and the backward forms ``G = dL/dy`` from it with the incoming gradient read on the device,
     then writes ``dX = G @ W`` and ``dW = G.T @ X`` once, straight in the inputs' dtypes. No fp32 accumulator, no
-    read-modify-write of ``dW``, no scale-and-cast pass: still ``6NHV``, nothing recomputed."""
+    read-modify-write of ``dW``, no scale-and-cast pass: still ``6NHV``, nothing recomputed.
+
+    It holds the tile, the chunk's hidden rows (``dW``'s operand, as any linear layer keeps its input) and the head's
+    parameters themselves, not a copy of ``W``: the GEMMs' operand is taken from the weight again in the backward,
+    where ZeRO-3 has gathered it (:class:`_BackwardGather`)."""
 
     def __init__(self, workspace: _Workspace, tile, x, targets, chunk: TokenStats, grads, call, weight, needs):
-        self.workspace, self.tile, self.x, self.targets, self.chunk = workspace, tile, x, targets, chunk
+        self.fmt, self.ops, self.call = workspace.fmt, workspace.ops, call
+        self.tile, self.x, self.targets, self.chunk = tile, x, targets, chunk
         self.grad_logp, self.grad_entropy = grads
-        self.call, self.weight, self.needs = call, weight, needs
+        self.weight, self.bias, self.needs = weight, workspace.bias, needs
+        self.hidden_dtype = workspace.hidden.dtype
+        self.weight_shape = weight.shape if needs[1] else None
 
     def results(self, scale: torch.Tensor | None = None) -> list[torch.Tensor | None]:
         """``[dX, dW, db]`` in the inputs' dtypes for an incoming gradient ``scale`` (a device scalar)."""
-        if self.workspace is None:
+        if self.tile is None:
             raise RuntimeError("backward ran twice through a fused single pass: retain_graph=True is not supported")
-        ws, fmt = self.workspace, self.workspace.fmt
-        hidden, weight, bias = ws.hidden, self.weight, ws.bias
+        fmt, weight, bias = self.fmt, self.weight, self.bias
         scale = None if scale is None else scale.to(device=self.tile.device, dtype=fmt.stats_dtype)
         grads = [g if (g is None or scale is None) else g * scale for g in (self.grad_logp, self.grad_entropy)]
         out: list[torch.Tensor | None] = [None, None, None]
         wanted = [self.needs[0], self.needs[1], bias is not None and self.needs[2]]
         if grads[0] is None and grads[1] is None:  # the loss has no head term: zeros
-            for i, ref in enumerate((hidden, weight, bias)):
-                out[i] = torch.zeros_like(ref) if wanted[i] else None
+            shapes = (self.x.shape, weight.shape, None if bias is None else bias.shape)
+            dtypes = (self.hidden_dtype, weight.dtype, None if bias is None else bias.dtype)
+            for i in range(3):
+                if wanted[i]:
+                    out[i] = torch.zeros(shapes[i], device=self.tile.device, dtype=dtypes[i])
         else:
-            g = self.call.ops.backward_(
+            g = self.ops.backward_(
                 self.tile, self.targets, self.chunk.lse, self.chunk.entropy, *grads, self.call.head, fmt.grad_dtype
             ).to(fmt.operand_dtype)
-            reduce = getattr(ws.ops, "reduce_hidden_grad", None)
-            if wanted[0] and reduce is not None:  # a vocabulary shard's partial dX: summed over the ranks in fp32 first
-                dx = _matmul_as(g, ws.weight_operand, torch.promote_types(torch.float32, g.dtype))
-                reduce(dx)
-                out[0] = dx.to(hidden.dtype)
-            elif wanted[0]:
-                out[0] = _matmul_as(g, ws.weight_operand, hidden.dtype)
+            if wanted[0]:
+                w = weight.to(fmt.compute).to(fmt.operand_dtype)
+                reduce = getattr(self.ops, "reduce_hidden_grad", None)
+                if reduce is not None:  # a vocabulary shard's partial dX: summed over the ranks in fp32 first
+                    dx = _matmul_as(g, w, torch.promote_types(torch.float32, g.dtype))
+                    reduce(dx)
+                    out[0] = dx.to(self.hidden_dtype)
+                else:
+                    out[0] = _matmul_as(g, w, self.hidden_dtype)
+                del w
             if wanted[1]:
                 out[1] = _matmul_as(g.t(), self.x, weight.dtype)
             if wanted[2]:
                 out[2] = g.sum(0, dtype=torch.promote_types(torch.float32, g.dtype)).to(bias.dtype)
-        self.workspace = self.tile = self.x = None  # the tile goes as soon as the gradients exist
+        self.tile = self.x = None  # the tile goes as soon as the gradients exist
         return out
 
 
@@ -281,26 +370,26 @@ def score(hidden, weight, bias, targets, call: ChunkedHead) -> TokenStats:
 
 def recompute_grads(hidden, weight, bias, targets, call: ChunkedHead, lse, entropy, grad_logp, grad_entropy, needs):
     """The second of the two phases: each chunk projected again and turned into ``dL/dy`` from the tokens' upstream
-    gradients (``[N]``, either may be None); returns the fp32 accumulators."""
-    with call.gather(weight, bias) if call.gather is not None else contextlib.nullcontext():
-        workspace = _Workspace(hidden, weight, bias, call)
-        acc = _GradAccumulators(hidden, weight, bias, needs, workspace)
-        if acc.dx is not None and not call.bounds:
-            acc.dx.zero_()
-        stats_dtype = workspace.stats_dtype
-        for start, stop in call.bounds:
-            tile, x = workspace.project(start, stop)
-            grad_y = call.ops.backward_(
-                tile,
-                targets[start:stop],
-                lse[start:stop],
-                entropy[start:stop],
-                None if grad_logp is None else grad_logp[start:stop].to(stats_dtype),
-                None if grad_entropy is None else grad_entropy[start:stop].to(stats_dtype),
-                call.head,
-                workspace.fmt.grad_dtype,
-            )
-            acc.add(start, stop, grad_y, x)
+    gradients (``[N]``, either may be None); returns the fp32 accumulators. ``weight`` must be materialized (the
+    caller holds ``call.gather``: :class:`LogProbFunction`)."""
+    workspace = _Workspace(hidden, weight, bias, call)
+    acc = _GradAccumulators(hidden, weight, bias, needs, workspace)
+    if acc.dx is not None and not call.bounds:
+        acc.dx.zero_()
+    stats_dtype = workspace.stats_dtype
+    for start, stop in call.bounds:
+        tile, x = workspace.project(start, stop)
+        grad_y = call.ops.backward_(
+            tile,
+            targets[start:stop],
+            lse[start:stop],
+            entropy[start:stop],
+            None if grad_logp is None else grad_logp[start:stop].to(stats_dtype),
+            None if grad_entropy is None else grad_entropy[start:stop].to(stats_dtype),
+            call.head,
+            workspace.fmt.grad_dtype,
+        )
+        acc.add(start, stop, grad_y, x)
     return acc
 
 
@@ -337,6 +426,9 @@ def single_pass(hidden, weight, bias, targets, call: ChunkedHead, objective: Chu
         )  # fmt: skip
         acc.add(start, stop, grad_y, x)
     del workspace  # the tile buffer goes before the objective's last evaluation and the backward
+    # dX is complete: the GEMM operand's copy of W (mixed dtypes, off CUDA) must not live on until the backward (under
+    # ZeRO-3 it would be the whole gathered head)
+    acc.weight_operand = None
     return objective.finish(stats), stats, acc
 
 
@@ -348,7 +440,7 @@ class LogProbFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead):
         ctx.set_materialize_grads(False)
-        ctx.call = call
+        ctx.call, ctx.weight_shape = call, weight.shape
         with _autocast_off(hidden.device):
             stats = score(hidden, weight, bias, targets, call)
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse, stats.entropy)
@@ -363,35 +455,59 @@ class LogProbFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
         needs = ctx.needs_input_grad[:3]
-        with _autocast_off(hidden.device):
-            acc = recompute_grads(hidden, weight, bias, targets, ctx.call, lse, entropy, grad_logp, grad_entropy, needs)
-            dx, dw, db = acc.results()
+        gathered = _BackwardGather(ctx.call.gather, weight, bias)  # the projection is recomputed: W's values needed
+        try:
+            gathered.check_materialized(weight, ctx.weight_shape)
+            with _autocast_off(hidden.device):
+                acc = recompute_grads(
+                    hidden, weight, bias, targets, ctx.call, lse, entropy, grad_logp, grad_entropy, needs
+                )
+                dx, dw, db = acc.results()
+        except BaseException:
+            gathered.release()
+            raise
+        gathered.release_after_accumulation([p for p, g in ((weight, dw), (bias, db)) if g is not None])
         return dx, dw, db, None, None
 
 
 class SinglePassFunction(torch.autograd.Function):
-    """``(loss, logp [N], entropy [N]) = f(hidden, weight, bias, targets, call, objective)``: :func:`single_pass`
-    forward; backward hands back the gradients for the incoming ``dL`` (formed then, for one chunk)."""
+    """``(loss, logp [N], entropy [N]) = f(hidden, weight, bias, targets, call, objective, *objective.inputs)``:
+    :func:`single_pass` forward; backward hands back the gradients for the incoming ``dL`` (formed then, for one
+    chunk), and the objective's ``input_grads`` times ``dL``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective):
+    def forward(ctx, hidden, weight, bias, targets, call: ChunkedHead, objective: ChunkObjective, *inputs):
         ctx.set_materialize_grads(False)
+        ctx.call, ctx.device = call, hidden.device
         with _autocast_off(hidden.device):
             loss, stats, ctx.acc = single_pass(hidden, weight, bias, targets, call, objective, ctx.needs_input_grad[:3])
-        ctx.device = hidden.device
+        ctx.input_grads = tuple(objective.input_grads) if inputs else ()
+        ctx.num_inputs = len(inputs)
         ctx.mark_non_differentiable(stats.logp, stats.entropy)
         return loss, stats.logp, stats.entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
-            return (None,) * 6
+            return (None,) * (6 + ctx.num_inputs)
         if ctx.acc is None:
             raise RuntimeError("backward ran twice through a fused single pass: retain_graph=True is not supported")
-        with _autocast_off(ctx.device):
-            dx, dw, db = ctx.acc.results(scale=grad_loss)
-        ctx.acc = None
-        return dx, dw, db, None, None, None
+        acc, ctx.acc = ctx.acc, None
+        # the one chunk needs W's values (dX = G W); several chunks only need its full shape, when autograd
+        # accumulates dW into it
+        gathered = _BackwardGather(ctx.call.gather, acc.weight, acc.bias)
+        try:
+            if acc.weight_shape is not None:
+                gathered.check_materialized(acc.weight, acc.weight_shape)
+            with _autocast_off(ctx.device):
+                dx, dw, db = acc.results(scale=grad_loss)
+        except BaseException:
+            gathered.release()
+            raise
+        gathered.release_after_accumulation([p for p, g in ((acc.weight, dw), (acc.bias, db)) if g is not None])
+        inputs = tuple(None if g is None else g * grad_loss for g in ctx.input_grads)
+        ctx.input_grads = None
+        return dx, dw, db, None, None, None, *inputs
 
 
 def logprobs(hidden, weight, bias, targets, call: ChunkedHead, strategy: str = "two_phase") -> TokenStats:

@@ -178,14 +178,15 @@ class PolicyLossConfig:
 
 def validate_workspace_bytes(value) -> None:
     """``"auto"`` or a positive integer number of bytes."""
-    if value == "auto":
+    if isinstance(value, str) and value == "auto":  # tested as a string first: a symbolic int cannot meet one
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"workspace_bytes must be 'auto' or a positive integer, got {value!r}")
 
 
 def _finite(name: str, value, positive: bool = False) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    # comparisons, not math.isfinite: under torch.compile the value may be symbolic, which they accept (as guards)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")

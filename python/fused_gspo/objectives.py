@@ -17,6 +17,7 @@ through :mod:`fused_gspo.rows`, so one text serves both layouts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
@@ -42,9 +43,23 @@ class PolicyBatch:
     importance_sampling_ratio: torch.Tensor | None = None  # per token or per row
     cu_seqlens: torch.Tensor | None = None  # packed rows; None: [B, T]
     row_starts: tuple[int, ...] | None = None  # cu_seqlens on the host, if read already (fused_gspo.host_values)
+    # the names of the per-row tensors: decided from the shapes of the whole batch (None: not yet), and carried to its
+    # selections, whose shapes cannot tell (a packed chunk with an empty sequence may hold as many positions as rows)
+    per_row: frozenset[str] | None = None
 
     def __post_init__(self):
         self._rows = None
+
+    def is_per_row(self, name: str) -> bool:
+        """Whether the input ``name`` holds one value per row (else one per token), as decided on the whole batch."""
+        if self.per_row is None:
+            rows = self.rows  # a selection carries the decision; were it missing, rows.is_per_row would raise
+            self.per_row = frozenset(
+                f.name for f in fields(self)
+                if f.name not in _NOT_PER_ROW and getattr(self, f.name) is not None
+                and rows.is_per_row(getattr(self, f.name))
+            )  # fmt: skip
+        return name in self.per_row
 
     @property
     def rows(self) -> PaddedRows | PackedRows:
@@ -58,15 +73,26 @@ class PolicyBatch:
         out = {}
         for f in fields(self):
             x = getattr(self, f.name)
-            if x is None or f.name in ("cu_seqlens", "row_starts"):
+            if x is None or f.name in ("cu_seqlens", "row_starts", "per_row"):
                 continue
-            out[f.name] = (
-                x[start:stop] if (f.name != "mask" and rows.is_per_row(x)) else rows.token_rows(x, start, stop)
-            )
-        selected = PolicyBatch(**out)
+            out[f.name] = x[start:stop] if self.is_per_row(f.name) else rows.token_rows(x, start, stop)
+        selected = PolicyBatch(**out, per_row=self.per_row)
         selected._rows = rows.select(start, stop)
         selected.cu_seqlens = getattr(selected._rows, "cu_seqlens", None)
         return selected
+
+    def requiring_grad(self) -> tuple[str, ...]:
+        """The names of the tensors that require grad (the objective is differentiable in each, as in eager mode)."""
+        return tuple(
+            f.name for f in fields(self) if isinstance(x := getattr(self, f.name), torch.Tensor) and x.requires_grad
+        )
+
+    def replace(self, **tensors: torch.Tensor) -> PolicyBatch:
+        """The same batch with some tensors swapped for others of the same shapes (the per-row decision kept)."""
+        out = dataclasses.replace(self, **tensors, per_row=self.per_row)
+        if "mask" not in tensors:
+            out._rows = self._rows
+        return out
 
     def to(self, dtype: torch.dtype) -> PolicyBatch:
         """Floating tensors cast to ``dtype`` (the objective runs in float32, the reference in float64)."""
@@ -76,8 +102,11 @@ class PolicyBatch:
         )  # fmt: skip
 
 
+_NOT_PER_ROW = ("mask", "cu_seqlens", "row_starts", "per_row")
+
+
 def _cast(x, dtype):
-    return x.to(dtype) if isinstance(x, torch.Tensor) else x  # None, or row_starts (ints on the host)
+    return x.to(dtype) if isinstance(x, torch.Tensor) else x  # None, row_starts (ints on the host) or per_row
 
 
 @dataclass
@@ -166,31 +195,35 @@ def off_policy_mask(advantages, logps, sampling_logps, rows, threshold) -> torch
 
 
 @torch.no_grad()
-def gamma_weights(advantages, log_ratio, rows, importance_sampling_ratio, config: PolicyLossConfig) -> torch.Tensor:
+def gamma_weights(batch: PolicyBatch, log_ratio: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
     """TRL's VESPO ``get_gamma_weights``: phi(w) = e^lambda w^k e^(-lambda w) of the sequence ratio, detached.
     Per row when the advantages are (``[B, 1]`` / ``[S]``), per token otherwise; the vLLM ratio's log is summed over
     every position of the row, as TRL sums it."""
+    rows, ratio = batch.rows, batch.importance_sampling_ratio
     lower = math.log(1e-8)
     seq_log_ratio = rows.sum(torch.clamp(log_ratio, -20.0, 20.0) * rows.mask)
-    if importance_sampling_ratio is not None:
-        log_is = torch.clamp(torch.log(importance_sampling_ratio), lower, 20.0)
-        seq_log_ratio = seq_log_ratio + (rows.row_values(log_is) if rows.is_per_row(log_is) else rows.sum(log_is))
+    if ratio is not None:
+        log_is = torch.clamp(torch.log(ratio), lower, 20.0)
+        per_row_ratio = batch.is_per_row("importance_sampling_ratio")
+        seq_log_ratio = seq_log_ratio + (rows.row_values(log_is) if per_row_ratio else rows.sum(log_is))
     log_w = torch.clamp(seq_log_ratio, lower, 20.0)
-    log_w, advantages = aligned(rows, log_w if rows.packed else log_w.unsqueeze(-1), advantages)
+    log_w, advantages = aligned(
+        rows, log_w if rows.packed else log_w.unsqueeze(-1), True, batch.advantages, batch.is_per_row("advantages")
+    )
     nonneg = advantages >= 0
     k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg)
     lam = torch.where(nonneg, config.vespo_lambda_pos, config.vespo_lambda_neg).clamp(min=1e-4)
     return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def aligned(rows, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a`` and ``b`` ready to combine elementwise as TRL combines them: two per-row values stay per row, a per-row
-    value meeting a per-token one is broadcast to the tokens."""
+def aligned(rows, a: torch.Tensor, a_per_row: bool, b: torch.Tensor, b_per_row: bool):
+    """``a`` and ``b`` (each per row or not, as the caller knows) ready to combine elementwise as TRL combines them:
+    two per-row values stay per row, a per-row value meeting a per-token one is broadcast to the tokens."""
     if not rows.packed:  # [B] becomes [B, 1]; broadcasting does the rest
         return (a.unsqueeze(-1) if a.dim() == 1 else a), (b.unsqueeze(-1) if b.dim() == 1 else b)
-    if rows.is_per_row(a) and rows.is_per_row(b):
+    if a_per_row and b_per_row:
         return a, b
-    return rows.broadcast(a), rows.broadcast(b)
+    return rows.broadcast(a, a_per_row), rows.broadcast(b, b_per_row)
 
 
 def _kl(ref_logps, logps):
@@ -214,7 +247,8 @@ def policy_objective(
 
     rows = batch.rows
     mask = batch.mask
-    advantages = rows.broadcast(batch.advantages)  # [B, 1] or [B, T] padded (TRL's shapes), [N] packed
+    # [B, 1] or [B, T] padded (TRL's shapes), [N] packed
+    advantages = rows.broadcast(batch.advantages, batch.is_per_row("advantages"))
     old_logps = logps.detach() if batch.old_logps is None else batch.old_logps
 
     if config.off_policy_mask_threshold is not None:
@@ -223,6 +257,7 @@ def policy_objective(
 
     log_ratio = logps - old_logps
     level = config.importance_sampling_level
+    per_row_ratio = level == "sequence"  # coef_1 per row (GSPO), else per token
     if level == "token":
         log_importance_weights = log_ratio
     else:
@@ -232,37 +267,43 @@ def policy_objective(
         if level == "sequence":
             log_importance_weights = seq_log_ratio
         else:  # GSPO-token: the value of the sequence log-ratio, the gradient of the token's log-prob
-            log_importance_weights = logps - logps.detach() + rows.broadcast(seq_log_ratio.detach())
+            log_importance_weights = logps - logps.detach() + rows.expand(seq_log_ratio.detach())
     coef_1 = torch.exp(log_importance_weights)
 
     per_token_kl = None
     if config.beta != 0.0:
         per_token_kl = _kl(batch.ref_logps, logps)
         if config.use_bias_correction_kl:
-            per_token_kl = per_token_kl * rows.broadcast(coef_1)
+            per_token_kl = per_token_kl * rows.broadcast(coef_1, per_row_ratio)
 
     eps_low, eps_high = config.epsilon_low, config.effective_epsilon_high
     phi_seq = None
     if config.loss_type == "cispo":
-        per_token_loss = -rows.broadcast(torch.clamp(coef_1, max=eps_high).detach()) * advantages * logps
+        per_token_loss = -rows.broadcast(torch.clamp(coef_1, max=eps_high).detach(), per_row_ratio) * advantages * logps
     elif config.loss_type in CLIPPED_LOSS_TYPES:
         coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
         if config.delta is not None:
             coef_1 = torch.clamp(coef_1, max=config.delta)
-        per_token_loss = -torch.min(rows.broadcast(coef_1) * advantages, rows.broadcast(coef_2) * advantages)
+        per_token_loss = -torch.min(
+            rows.broadcast(coef_1, per_row_ratio) * advantages, rows.broadcast(coef_2, per_row_ratio) * advantages
+        )
     elif config.loss_type == "sapo":
         temperatures = torch.where(advantages > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
-        per_token_loss = -torch.sigmoid(temperatures * (rows.broadcast(coef_1) - 1)) * 4 / temperatures * advantages
+        per_token_loss = (
+            -torch.sigmoid(temperatures * (rows.broadcast(coef_1, per_row_ratio) - 1)) * 4 / temperatures * advantages
+        )
     else:  # vespo
-        phi_seq = gamma_weights(batch.advantages, log_ratio, rows, batch.importance_sampling_ratio, config)
-        per_token_loss = -rows.broadcast(phi_seq) * advantages * logps
+        phi_seq = gamma_weights(batch, log_ratio, config)  # per row when the advantages are
+        per_token_loss = -rows.broadcast(phi_seq, batch.is_per_row("advantages")) * advantages * logps
 
     if config.off_policy_mask_threshold is not None:
         per_token_loss = per_token_loss * keep
     if entropy_mask is not None:
         per_token_loss = per_token_loss * entropy_mask
     if batch.importance_sampling_ratio is not None and config.loss_type != "vespo":
-        per_token_loss = per_token_loss * rows.broadcast(batch.importance_sampling_ratio)
+        per_token_loss = per_token_loss * rows.broadcast(
+            batch.importance_sampling_ratio, batch.is_per_row("importance_sampling_ratio")
+        )
     if per_token_kl is not None:
         per_token_loss = per_token_loss + config.beta * per_token_kl
 
@@ -327,7 +368,7 @@ def _rloo_objective(logps, batch, config, norms) -> ObjectiveTerms:
     seq_logps = rows.sum(logps * mask)
     if batch.old_logps is None:
         old = seq_logps.detach()
-    elif rows.is_per_row(batch.old_logps) and batch.old_logps.dim() == 1:
+    elif batch.is_per_row("old_logps") and batch.old_logps.dim() == 1:
         old = batch.old_logps
     else:
         old = rows.sum(batch.old_logps * mask)
@@ -394,6 +435,7 @@ def policy_metrics(
         metrics["clip_ratio/high_max"] = _nanmax(gather(masked_seq_mean(high.float())))
 
     eps_low, eps_high = config.epsilon_low, config.effective_epsilon_high
+    per_row_ratio = config.importance_sampling_level == "sequence"  # terms.coef_1 per row, else per token
     if config.loss_type == "rloo":
         totals = reduce_sum(torch.stack([(entropy * mask).sum(), mask.sum().to(entropy.dtype)]))
         metrics["entropy"] = totals[0] / totals[1].clamp(min=1.0)
@@ -412,14 +454,14 @@ def policy_metrics(
     metrics["entropy"] = global_masked_mean(entropy)
 
     if config.loss_type == "gmpo":
-        log_ratio, adv = aligned(rows, terms.log_ratio, advantages)
+        log_ratio, adv = aligned(rows, terms.log_ratio, False, advantages, batch.is_per_row("advantages"))
         clip_metrics((log_ratio < -eps_low) & (adv < 0), (log_ratio > eps_high) & (adv > 0))
         return metrics
     if config.loss_type in CLIPPED_LOSS_TYPES:
-        coef_1, adv = aligned(rows, terms.coef_1, advantages)
+        coef_1, adv = aligned(rows, terms.coef_1, per_row_ratio, advantages, batch.is_per_row("advantages"))
         clip_metrics((coef_1 < 1 - eps_low) & (adv < 0), (coef_1 > 1 + eps_high) & (adv > 0))
     elif config.loss_type == "cispo":
-        coef_1, adv = aligned(rows, terms.coef_1, advantages)
+        coef_1, adv = aligned(rows, terms.coef_1, per_row_ratio, advantages, batch.is_per_row("advantages"))
         metrics["cispo_clip_ratio"] = global_masked_mean(((coef_1 > eps_high) & (adv > 0)).float())
     elif config.loss_type == "vespo":
         metrics["vespo/phi_seq_mean"] = global_masked_mean(terms.phi_seq)

@@ -6,8 +6,9 @@ the planner's chunks, checks of values, the chunk loop itself) happens inside an
 through its fake (shape) implementation. Outside ``torch.compile`` nothing here is used.
 
 - ``fused_gspo::policy_loss``: the loss, the per-token log-probs and entropies, TRL's metrics as one tensor (in the
-  order of :func:`fused_gspo.objectives.metric_names`), and the gradients w.r.t. hidden, weight and bias for an
-  incoming gradient of 1, computed in the same call (the single pass forms them anyway; the two phases run their
+  order of :func:`fused_gspo.objectives.metric_names`), and the gradients w.r.t. hidden, weight and bias (and any
+  other float input that requires grad: advantages, old log-probs, ...) for an incoming gradient of 1, computed in
+  the same call (the single pass forms them anyway; the two phases run their
   recomputing pass there). Its backward multiplies them by the incoming gradient.
 - ``fused_gspo::logprobs`` / ``fused_gspo::logprobs_backward``: ``fused_logprobs``'s forward, and its backward, which
   recomputes the projection chunk by chunk.
@@ -35,23 +36,57 @@ from .head import HeadParams, full_logprobs
 from .objectives import metric_names
 from .plan.runtime import plan_call
 from .precision import compute_dtype
+from .rows import cu_seqlens_from_position_ids
 from .tile_ops import stats_dtype_for
 from .validation import validate_logprob_inputs
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
 
 
-def config_key(config: PolicyLossConfig) -> str:
-    """A :class:`PolicyLossConfig` as the string an operator takes: the ``repr`` of its field values in order, which
-    ``torch.compile`` can build while tracing (``json`` it cannot)."""
-    return repr(tuple(getattr(config, name) for name in _FIELDS))
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+
+
+def config_args(config: PolicyLossConfig) -> tuple[str, Tensor]:
+    """A :class:`PolicyLossConfig` as two operator arguments: a key and its numbers.
+
+    Under ``torch.compile`` a number of the config may be symbolic (a field that changed between calls is recompiled
+    as a symbol; with ``dynamic=True`` from the first call): text cannot hold it, a tensor can. So the numbers go in a
+    float64 CPU tensor (exact for every float, and for ints below 2**53), and the key is the ``repr`` (which
+    ``torch.compile`` can build while tracing; ``json`` it cannot) of the other fields, the kind of each number, and
+    what the operator's fake implementation needs before any data: the metric names and whether there is an entropy
+    mask (decided here, where a symbolic comparison becomes a guard)."""
+    values = [getattr(config, name) for name in _FIELDS]
+    kinds = tuple(("i" if isinstance(v, (int, torch.SymInt)) else "f") if _is_number(v) else None for v in values)
+    fixed = tuple(None if kind else v for v, kind in zip(values, kinds, strict=True))
+    numbers = [v for v, kind in zip(values, kinds, strict=True) if kind]
+    entropy_mask = True if config.top_entropy_quantile < 1.0 else False  # noqa: SIM210  (a guard, not a symbol)
+    key = repr((fixed, kinds, metric_names(config), entropy_mask))
+    return key, torch.tensor(numbers, dtype=torch.float64)
+
+
+def _config(key: str, numbers: Tensor) -> PolicyLossConfig:
+    return _config_of(key, tuple(numbers.tolist()))
 
 
 @functools.lru_cache(maxsize=256)
-def _config(key: str) -> PolicyLossConfig:
+def _config_of(key: str, numbers: tuple[float, ...]) -> PolicyLossConfig:
+    fixed, kinds, _, _ = ast.literal_eval(key)
+    values = iter(numbers)
+    fields = {
+        name: value if kind is None else (int(next(values)) if kind == "i" else next(values))
+        for name, value, kind in zip(_FIELDS, fixed, kinds, strict=True)
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the caller's own config already warned
-        return PolicyLossConfig(**dict(zip(_FIELDS, ast.literal_eval(key), strict=True)))
+        return PolicyLossConfig(**fields)
+
+
+@functools.lru_cache(maxsize=256)
+def _key_shapes(key: str) -> tuple[tuple[str, ...], bool]:
+    """The metric names and whether there is an entropy mask, from a key alone (the fake implementation)."""
+    _, _, names, entropy_mask = ast.literal_eval(key)
+    return names, entropy_mask
 
 
 def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -75,6 +110,15 @@ def _autograd_inside():
 # The policy loss
 
 
+# policy_loss_op's inputs that may want a gradient, in the order of its ``needs`` and of its gradient outputs; the
+# position of each among the operator's arguments
+_GRAD_INPUTS = ("hidden", "weight", "bias", "advantages", "completion_mask", "old_logps", "ref_logps",
+                "sampling_logps", "importance_sampling_ratio")  # fmt: skip
+_ARG_POSITION = dict(hidden=0, weight=1, bias=2, advantages=4, completion_mask=5, old_logps=6, ref_logps=7,
+                     sampling_logps=8, importance_sampling_ratio=9)  # fmt: skip
+_NUM_ARGS = 18
+
+
 @torch.library.custom_op("fused_gspo::policy_loss", mutates_args=())
 def policy_loss_op(
     hidden: Tensor,
@@ -89,35 +133,38 @@ def policy_loss_op(
     importance_sampling_ratio: Tensor | None,
     num_items_in_batch: Tensor | None,
     cu_seqlens: Tensor | None,
+    position_ids: Tensor | None,
     config: str,
+    config_numbers: Tensor,
     backend: str,
     needs: list[bool],
     compute_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, logps, entropy, policy_loss, metrics, entropy_mask, d_hidden, d_weight, d_bias)``; a gradient not in
-    ``needs`` (hidden, weight, bias) is an empty tensor, and so is ``entropy_mask`` without an entropy quantile."""
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+]:  # fmt: skip
+    """``(loss, logps, entropy, policy_loss, metrics, entropy_mask, *grads)``, ``grads`` those of the inputs in
+    :data:`_GRAD_INPUTS` (the order of ``needs``); a gradient not in ``needs`` is an empty tensor, and so is
+    ``entropy_mask`` without an entropy quantile. ``config`` / ``config_numbers``: :func:`config_args`.
+    ``position_ids``: the packed layout's, instead of ``cu_seqlens`` (the sequences they mark are found here)."""
     from .policy import compute_policy_loss  # noqa: PLC0415  (policy imports the API layer's helpers)
 
-    cfg = _config(config)
-    wanted = [hidden, weight, bias]
+    cfg = _config(config, config_numbers)
+    if position_ids is not None:
+        cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+    wanted = [hidden, weight, bias, advantages, completion_mask, old_logps, ref_logps, sampling_logps,
+              importance_sampling_ratio]  # fmt: skip
     with _autograd_inside():
         leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(wanted, needs, strict=True)]
+        tensors = dict(zip(_GRAD_INPUTS, leaves, strict=True))
         out = compute_policy_loss(
-            leaves[0],
-            leaves[1],
-            completion_ids,
-            advantages,
-            completion_mask,
+            completion_ids=completion_ids,
             config=cfg,
-            old_logps=old_logps,
-            ref_logps=ref_logps,
-            sampling_logps=sampling_logps,
-            importance_sampling_ratio=importance_sampling_ratio,
             num_items_in_batch=num_items_in_batch,
-            bias=leaves[2],
             cu_seqlens=cu_seqlens,
             backend=backend,
             compute_dtype=compute_dtype,
+            **tensors,
         )
         grad_of = [leaf for leaf, n in zip(leaves, needs, strict=True) if leaf is not None and n]
         grads = list(torch.autograd.grad(out.loss, grad_of, allow_unused=True)) if grad_of else []
@@ -129,7 +176,7 @@ def policy_loss_op(
             continue
         grad = grads.pop(0)
         results.append(torch.zeros_like(t) if grad is None else grad)
-    metrics = torch.stack([out.metrics[name].to(stats) for name in metric_names(cfg)])
+    metrics = torch.stack([out.metrics[name].to(stats) for name in _key_shapes(config)[0]])
     entropy_mask = out.entropy_mask if out.entropy_mask is not None else _empty(completion_mask, torch.bool)
     return (
         out.loss.detach().to(stats).clone(),  # scalars: the loss may be the policy term itself (dapo)
@@ -144,19 +191,22 @@ def policy_loss_op(
 
 @policy_loss_op.register_fake
 def _(hidden, weight, bias, completion_ids, advantages, completion_mask, *rest):
-    config, needs = rest[-4], rest[-2]
+    config, needs = rest[-5], rest[-2]
     stats = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     scalar = hidden.new_empty((), dtype=stats)
     per_token = completion_mask.new_empty(completion_mask.shape, dtype=stats)
-    cfg = _config(config)
-    entropy_mask = completion_mask.new_empty(
-        completion_mask.shape if cfg.top_entropy_quantile < 1.0 else (0,), dtype=torch.bool
-    )
+    names, has_entropy_mask = _key_shapes(config)
+    entropy_mask = completion_mask.new_empty(completion_mask.shape if has_entropy_mask else (0,), dtype=torch.bool)
+    args = dict(zip(("hidden", "weight", "bias", "completion_ids", "advantages", "completion_mask"),
+                    (hidden, weight, bias, completion_ids, advantages, completion_mask), strict=True))  # fmt: skip
+    args.update(zip(("old_logps", "ref_logps", "sampling_logps", "importance_sampling_ratio"), rest[:4], strict=True))
     grads = [
-        t.new_empty(t.shape) if (t is not None and n) else hidden.new_empty((0,), dtype=stats)
-        for t, n in zip((hidden, weight, bias), needs, strict=True)
+        args[name].new_empty(args[name].shape)
+        if (args[name] is not None and n)
+        else hidden.new_empty((0,), dtype=stats)
+        for name, n in zip(_GRAD_INPUTS, needs, strict=True)
     ]
-    metrics = hidden.new_empty((len(metric_names(cfg)),), dtype=stats)
+    metrics = hidden.new_empty((len(names),), dtype=stats)
     return scalar, per_token, per_token.clone(), scalar.clone(), metrics, entropy_mask, *grads
 
 
@@ -167,8 +217,11 @@ def _policy_loss_setup(ctx, inputs, output):
 
 
 def _policy_loss_backward(ctx, grad_loss, *_):
-    grads = [g * grad_loss if n else None for g, n in zip(ctx.saved_tensors, ctx.needs, strict=True)]
-    return (grads[0], grads[1], grads[2]) + (None,) * 13
+    grads = [None] * _NUM_ARGS
+    for name, g, n in zip(_GRAD_INPUTS, ctx.saved_tensors, ctx.needs, strict=True):
+        if n:
+            grads[_ARG_POSITION[name]] = g * grad_loss
+    return tuple(grads)
 
 
 policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
@@ -176,6 +229,10 @@ policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_lo
 
 # --------------------------------------------------------------------------------------------------------------------
 # Log-probs
+
+
+# the ``workspace`` argument of the log-prob operators for ``workspace_bytes="auto"`` (a budget is >= 1 byte)
+_AUTO_WORKSPACE = 0
 
 
 def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs, precision):
@@ -186,7 +243,7 @@ def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend,
         weight,
         bias,
         ops,
-        workspace_bytes=workspace if workspace == "auto" else int(workspace),
+        workspace_bytes="auto" if workspace == _AUTO_WORKSPACE else workspace,
         coupling="global",
         row_counts=None,
         mode=mode,
@@ -209,7 +266,7 @@ def logprobs_op(
     logit_scale: float,
     softcap: float | None,
     backend: str,
-    workspace: str,
+    workspace: int,
     needs: list[bool],
     compute_dtype: torch.dtype,
     logits_dtype: str,
@@ -255,7 +312,7 @@ def logprobs_backward_op(
     logit_scale: float,
     softcap: float | None,
     backend: str,
-    workspace: str,
+    workspace: int,
     needs: list[bool],
     compute_dtype: torch.dtype,
     logits_dtype: str,
@@ -331,7 +388,8 @@ def policy_loss_call(
     if num_items is not None and not isinstance(num_items, Tensor):
         num_items = torch.tensor(float(num_items), device=hidden.device)
     grad_on = torch.is_grad_enabled()
-    needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    wanted = (hidden, weight, bias, advantages, completion_mask, *(optional.get(k) for k in _GRAD_INPUTS[5:]))
+    needs = [grad_on and t is not None and t.requires_grad for t in wanted]
     loss, logps, entropy, policy_loss, metrics, entropy_mask, *_ = policy_loss_op(
         hidden,
         weight,
@@ -345,7 +403,8 @@ def policy_loss_call(
         optional.get("importance_sampling_ratio"),
         num_items,
         optional.get("cu_seqlens"),
-        config_key(config),
+        optional.get("position_ids"),
+        *config_args(config),
         resolve_backend(backend, hidden.device),
         needs,
         compute_dtype(hidden, weight),
@@ -374,7 +433,8 @@ def logprobs_call(hidden, weight, targets, bias, head: HeadParams, backend: str,
         float(head.logit_scale),
         None if head.softcap is None else float(head.softcap),
         resolve_backend(backend, hidden.device),
-        str(workspace_bytes),
+        # an int argument, which may be symbolic under torch.compile (dynamic=True), as text cannot
+        _AUTO_WORKSPACE if isinstance(workspace_bytes, str) else workspace_bytes,
         needs,
         compute_dtype(hidden, weight),
         logits_dtype,

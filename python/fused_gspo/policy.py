@@ -105,10 +105,15 @@ class PolicyChunkObjective:
     does not hold read a placeholder: the old log-probs (ratio 1) or 0, as TRL has at masked positions.
 
     After :meth:`finish`: ``logps`` and ``entropy`` (per-token layout) and ``terms`` (the objective on the batch).
+    ``inputs``: the batch's tensors that require grad (advantages, old log-probs, ...), whose gradient :meth:`finish`
+    takes from the whole batch's objective, as the eager path's autograd would.
     """
 
     def __init__(self, layout: TokenLayout, batch: PolicyBatch, config: PolicyLossConfig, norms: Normalizers):
         self.layout, self.batch, self.config, self.norms = layout, batch, config, norms
+        self.input_names = batch.requiring_grad() if torch.is_grad_enabled() else ()
+        self.inputs = tuple(getattr(batch, name) for name in self.input_names)
+        self.input_grads = ()
         placeholder = torch.zeros(layout.valid.shape, device=layout.valid.device, dtype=batch.mask.dtype)
         if batch.old_logps is not None and batch.old_logps.shape == layout.valid.shape:
             placeholder = torch.where(layout.valid, batch.old_logps, placeholder)
@@ -141,7 +146,15 @@ class PolicyChunkObjective:
 
     def finish(self, stats: TokenStats) -> torch.Tensor:
         self.logps, self.entropy = self.layout.scatter(stats.logp), self.layout.scatter(stats.entropy)
-        self.terms = policy_objective(self.logps, self.entropy, self.batch, self.config, self.norms)
+        if not self.inputs:
+            self.terms = policy_objective(self.logps, self.entropy, self.batch, self.config, self.norms)
+            return self.terms.loss.detach()
+        with torch.enable_grad():  # the single pass runs without autograd; these inputs need it
+            leaves = [t.detach().requires_grad_() for t in self.inputs]
+            batch = self.batch.replace(**dict(zip(self.input_names, leaves, strict=True)))
+            self.terms = policy_objective(self.logps, self.entropy, batch, self.config, self.norms)
+            # None where the loss does not depend on an input (the off-policy mask's sampling log-probs), as eagerly
+            self.input_grads = torch.autograd.grad(self.terms.loss, leaves, allow_unused=True)
         return self.terms.loss.detach()
 
 
@@ -244,7 +257,7 @@ def compute_policy_loss(
             )
         norms = Normalizers.of(batch, cfg, num_items, valid_tokens=counts.valid_tokens)
         objective = PolicyChunkObjective(layout, batch, cfg, norms)
-        loss, _, _ = SinglePassFunction.apply(x, weight, bias, targets, call, objective)
+        loss, _, _ = SinglePassFunction.apply(x, weight, bias, targets, call, objective, *objective.inputs)
         # a single pass never masks by the entropy quantile (that coupling is global): gather_values is not needed
         metrics = policy_metrics(objective.terms, objective.entropy, batch, cfg, **hooks.metric_hooks())
         return PolicyLossOutput(

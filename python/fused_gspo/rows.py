@@ -19,9 +19,25 @@ import torch
 
 
 class _Rows:
-    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` shaped to combine with per-token tensors: per-row values expanded, per-token ones as they are."""
-        return self.expand(x) if self.is_per_row(x) else x
+    # False for a selection of rows (``select``): there a tensor's length no longer tells per-row from per-token
+    # (a chunk of a packed batch with an empty sequence can hold as many positions as rows)
+    whole = True
+
+    def broadcast(self, x: torch.Tensor, per_row: bool) -> torch.Tensor:
+        """``x`` shaped to combine with per-token tensors: a per-row value (``per_row``) expanded, a per-token one as
+        it is. The caller says which: decided once on the whole batch (``PolicyBatch.is_per_row``) or known from the
+        math (a sequence-level ratio), never inferred from a selection's shapes."""
+        return self.expand(x) if per_row else x
+
+    def is_per_row(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is per row (else per token), from its shape: only on the whole batch, where validation makes
+        the shapes unambiguous (packed: ``S != N``)."""
+        if not self.whole:
+            raise RuntimeError(
+                "is_per_row on a selection of rows: its shapes cannot tell per-row from per-token values; "
+                "decide on the whole batch and carry the decision"
+            )
+        return self._is_per_row(x)
 
     def row_values(self, x: torch.Tensor) -> torch.Tensor:
         """A per-row value as a flat ``[rows]`` vector."""
@@ -46,7 +62,7 @@ class PaddedRows(_Rows):
         """A per-row value (``[B]`` or ``[B, 1]``) shaped to broadcast against per-token tensors."""
         return v if v.dim() == 2 else v.unsqueeze(-1)
 
-    def is_per_row(self, x: torch.Tensor) -> bool:
+    def _is_per_row(self, x: torch.Tensor) -> bool:
         # [B] or [B, 1], TRL's test for a sequence-level value (so [B, 1] per-token values of T = 1 read as rows too)
         return x.dim() == 1 or x.shape[-1] == 1
 
@@ -55,7 +71,9 @@ class PaddedRows(_Rows):
         return x[start:stop]
 
     def select(self, start: int, stop: int) -> PaddedRows:
-        return PaddedRows(self.mask[start:stop])
+        selected = PaddedRows(self.mask[start:stop])
+        selected.whole = False
+        return selected
 
     def row_starts(self) -> list[int]:
         """Offset of each row's first position in the flattened per-token layout, and the end: ``B + 1`` ints."""
@@ -99,7 +117,7 @@ class PackedRows(_Rows):
     def expand(self, v: torch.Tensor) -> torch.Tensor:
         return _ExpandRows.apply(v, self.seq_ids, self.lengths)
 
-    def is_per_row(self, x: torch.Tensor) -> bool:
+    def _is_per_row(self, x: torch.Tensor) -> bool:
         # [S] (validation refuses packed batches with S = N, where [S] and [N] look alike)
         return x.dim() == 1 and x.shape[0] == self.num
 
@@ -115,9 +133,11 @@ class PackedRows(_Rows):
     def select(self, start: int, stop: int) -> PackedRows:
         starts = self.row_starts()
         cu = self.cu_seqlens[start : stop + 1] - starts[start]
-        return PackedRows(
+        selected = PackedRows(
             self.mask[starts[start] : starts[stop]], cu, [s - starts[start] for s in starts[start : stop + 1]]
         )
+        selected.whole = False
+        return selected
 
 
 def rows_of(

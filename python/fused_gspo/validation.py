@@ -93,17 +93,29 @@ def validate_policy_inputs(
     num_items_in_batch,
     bias,
     cu_seqlens=None,
+    position_ids=None,
     values: bool = True,
 ) -> BatchCounts | None:
     """Every check of a policy loss's inputs; with ``values``, also the checks that read the data, all from the
-    host's one read of the batch (:func:`fused_gspo.host_values.read_batch`), whose counts are returned."""
-    packed = cu_seqlens is not None
+    host's one read of the batch (:func:`fused_gspo.host_values.read_batch`), whose counts are returned.
+
+    ``position_ids`` instead of ``cu_seqlens`` (with ``values=False``, under ``torch.compile``): the number of
+    sequences ``S`` is in the data, known only once the operator runs, which checks the shapes that depend on it."""
+    packed = cu_seqlens is not None or position_ids is not None
     _tensor("hidden", hidden, floating=True, ndim=(2,) if packed else (2, 3))
     _check_head(hidden, weight, bias)
     token_dims = (1,) if packed else (2,)
     _tensor("completion_ids", completion_ids, floating=False, ndim=token_dims)
     _tensor("completion_mask", completion_mask, ndim=token_dims)
-    if packed:
+    if packed and position_ids is not None:
+        _tensor("position_ids", position_ids, floating=False, ndim=(1,))
+        tokens = tuple(completion_ids.shape)
+        if tuple(position_ids.shape) != tokens:
+            raise ValueError(
+                f"position_ids must have shape {tokens} like completion_ids, got {tuple(position_ids.shape)}"
+            )
+        row_shape, per_token = None, tokens  # [S], S unknown here
+    elif packed:
         _tensor("cu_seqlens", cu_seqlens, floating=False, ndim=(1,))
         tokens = tuple(completion_ids.shape)
         rows = cu_seqlens.shape[0] - 1
@@ -125,13 +137,20 @@ def validate_policy_inputs(
     if completion_mask.dtype.is_complex:
         raise TypeError(f"completion_mask must be bool, integer or floating, got {completion_mask.dtype}")
 
+    def fits(x, shapes) -> bool:
+        # a row shape of None ([S], S not known yet) fits any 1-D shape but the per-token one (S != N)
+        return tuple(x.shape) in shapes or (None in shapes and x.dim() == 1 and tuple(x.shape) != per_token)
+
+    def shown(shape) -> str:
+        return "(S,)" if shape is None else str(shape)
+
     row_or_token = (row_shape, per_token)
     _tensor("advantages", advantages, floating=True, ndim=(1,) if packed else (1, 2))
-    if tuple(advantages.shape) not in row_or_token:
-        raise ValueError(f"advantages must have shape {row_shape} or {per_token}, got {tuple(advantages.shape)}")
-    if config.loss_type in ("gmpo", "rloo") and tuple(advantages.shape) != row_shape:
+    if not fits(advantages, row_or_token):
+        raise ValueError(f"advantages must have shape {shown(row_shape)} or {per_token}, got {tuple(advantages.shape)}")
+    if config.loss_type in ("gmpo", "rloo") and not fits(advantages, (row_shape,)):
         raise ValueError(
-            f"advantages must have shape {row_shape} for loss_type={config.loss_type!r}: it is per sequence"
+            f"advantages must have shape {shown(row_shape)} for loss_type={config.loss_type!r}: it is per sequence"
         )
 
     old_shapes = row_or_token if config.loss_type == "rloo" else (per_token,)
@@ -145,8 +164,8 @@ def validate_policy_inputs(
         if x is None:
             continue
         _tensor(name, x, floating=True)
-        if tuple(x.shape) not in shapes:
-            want = " or ".join(str(s) for s in shapes)
+        if not fits(x, shapes):
+            want = " or ".join(shown(s) for s in shapes)
             raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
     if config.beta != 0.0 and ref_logps is None:
         raise ValueError(f"ref_logps is required when beta != 0 (beta={config.beta})")
@@ -177,6 +196,7 @@ def validate_policy_inputs(
         sampling_logps=sampling_logps,
         importance_sampling_ratio=importance_sampling_ratio,
         cu_seqlens=cu_seqlens,
+        position_ids=position_ids,
     )
     if not values:
         return None

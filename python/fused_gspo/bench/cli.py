@@ -18,7 +18,7 @@ import torch
 from ..config import LEVELS, LOSS_TYPES, PolicyLossConfig
 from .contenders import CONTENDERS, GemmFloor, build_contenders
 from .measure import Result, measure, memory_probe, summarize
-from .planning import default_profile, profile_choices, recorded_plans, resolve_profile, run_explain
+from .planning import PlanRefused, default_profile, profile_choices, recorded_plans, resolve_profile, run_explain
 from .preference_cli import add_preference_arguments, check_family_options, resolve_preference
 from .preference_contenders import PREFERENCE_CONTENDERS, build_preference_contenders
 from .preference_problem import (
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the planner's plan instead and run nothing (policy objectives only).",
         epilog="Defaults: on a GPU the qwen3-8b head (H=4096, V=151936) at 8192 tokens in bf16; on CPU "
         f"{CPU_DEFAULTS['tokens']} tokens, H={CPU_DEFAULTS['hidden']}, V={CPU_DEFAULTS['vocab']}, fp32 (--explain: "
-        "the GPU defaults on a GPU profile). The objective defaults to GSPO (loss_type=grpo, level=sequence); "
+        "the GPU defaults on a GPU profile). The objective defaults to GSPO (loss_type=grpo, level=sequence; "
+        "gmpo and rloo take no level); "
         "--objective dpo / cpo take TRL 1.16's DPOConfig / CPOConfig defaults.",
     )
     add_preference_arguments(parser)
@@ -111,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--sweep-tokens", type=_token_list, help="comma list of token counts to run in turn")
     obj = parser.add_argument_group("objective (policy: --objective policy, the default)")
     obj.add_argument("--loss-type", choices=LOSS_TYPES, help="default grpo")
-    obj.add_argument("--level", choices=LEVELS, help="importance_sampling_level (default sequence)")
+    obj.add_argument(
+        "--level",
+        choices=LEVELS,
+        help="importance_sampling_level (default sequence; token for gmpo and rloo, whose ratios have no level)",
+    )
     obj.add_argument(
         "--beta",
         type=float,
@@ -152,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--explain",
         action="store_true",
         help="print the planner's table (fused_gspo.explain) for the shape, objective and --modes; run nothing "
-        "(--json PATH: the plans as JSON)",
+        "(--json PATH: the plans as JSON; --plot, which draws measured figures, is refused)",
     )
     plan.add_argument(
         "--device-profile",
@@ -180,6 +185,9 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         except ValueError as exc:
             parser.error(f"--device-profile: {exc}")
         gpu_defaults = profile.is_gpu
+        if args.plot is not None:  # a requested file that would silently not be written
+            parser.error("--plot draws measured time and memory, and --explain measures nothing; --json PATH writes "
+                         "its plans")  # fmt: skip
     elif args.device_profile is not None:
         parser.error("--device-profile only applies with --explain (a run records the plan of its own device)")
     else:
@@ -234,10 +242,13 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if family != "policy":
         config = resolve_preference(args, softcap, parser.error)
     else:
+        loss_type = args.loss_type or "grpo"
+        # GSPO's level by default, but GMPO and RLOO have none (their config refuses any other than "token")
+        default_level = "token" if loss_type in ("gmpo", "rloo") else "sequence"
         try:
             config = PolicyLossConfig(
-                loss_type=args.loss_type or "grpo",
-                importance_sampling_level=args.level or "sequence",
+                loss_type=loss_type,
+                importance_sampling_level=args.level or default_level,
                 beta=0.0 if args.beta is None else args.beta,
                 epsilon=PolicyLossConfig.epsilon if args.epsilon is None else args.epsilon,
                 epsilon_high=args.epsilon_high,
@@ -366,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(command[1:])
     settings = resolve_settings(args, parser)
     if settings.explain:
-        return run_explain(settings, command, args.json)
+        try:
+            return run_explain(settings, command, args.json)
+        except PlanRefused as exc:  # the options the user gave admit no plan (a budget under one token's row)
+            parser.error(f"--explain: {exc}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print(
             f"warning: --plot needs matplotlib, which is not installed: {args.plot} will not be written",

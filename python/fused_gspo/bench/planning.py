@@ -19,6 +19,10 @@ from .report import library_versions
 from .settings import Settings
 
 
+class PlanRefused(ValueError):
+    """The planner refuses the options (e.g. ``--workspace-bytes`` below one token's logits row): a usage error."""
+
+
 def profile_choices() -> list[str]:
     """The names ``--device-profile`` takes (``fused_gspo.plan.devices.profile_names()``, each once)."""
     return list(dict.fromkeys(profile_names()))
@@ -100,19 +104,27 @@ def run_explain(settings: Settings, command: list[str], json_path: str | None) -
     profile = settings.device_profile
     dtype = DTYPES[settings.dtype_name]
     shape_text = f"H={settings.hidden}, V={settings.vocab}, {settings.dtype_name}"
+    autocast = None
     if settings.autocast is not None:
         shape_text += f" under torch.autocast({settings.autocast})"
-    print(f"fused-gspo-bench --explain: the plan fused_policy_loss makes on device profile {profile!r}; nothing is run")
-    runs = []
+        autocast = DTYPES[settings.autocast]
+    planned = []  # every plan first: a refused option is a usage error, not a traceback after half the output
     for tokens in settings.token_counts:
         seq_len = settings.seq_len or default_seq_len(tokens)
         shape = Shape(tokens, settings.hidden, settings.vocab, seq_len, dtype)
         lengths, exact = layout_row_lengths(shape, settings.seed, settings.valid_frac)
+        try:
+            plans = run_plans(
+                sum(lengths), settings.hidden, settings.vocab, dtype, lengths, settings.config, settings.modes, profile,
+                autocast,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise PlanRefused(str(exc)) from exc
+        planned.append((tokens, seq_len, shape, lengths, exact, plans))
+    print(f"fused-gspo-bench --explain: the plan fused_policy_loss makes on device profile {profile!r}; nothing is run")
+    runs = []
+    for tokens, seq_len, shape, lengths, exact, plans in planned:
         valid = sum(lengths)
-        autocast = DTYPES[settings.autocast] if settings.autocast is not None else None
-        plans = run_plans(
-            valid, settings.hidden, settings.vocab, dtype, lengths, settings.config, settings.modes, profile, autocast
-        )
         layout = f"N={tokens} tokens (B={shape.batch} x T={seq_len}, {valid} valid)"
         print(f"\n{layout}, {shape_text} | {settings.objective()}")
         if not exact:

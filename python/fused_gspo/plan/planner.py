@@ -126,7 +126,10 @@ def candidates(
     """Every ``(strategy, bounds)`` the planner costs."""
     n = problem.tokens
     if n == 0:
-        return [("single_pass" if mode != "logprobs" else "two_phase", [])]
+        # Nothing to score, but a globally coupled objective (the entropy quantile) still takes part in the
+        # cross-process gather of every entropy, which only the two phases make: another process with tokens waits
+        # for it
+        return [("single_pass" if mode != "logprobs" and coupling != "global" else "two_phase", [])]
     # the no-grad pass: the fused kernel (no workspace) first, then the chunked cuBLAS path where a row fits
     fused = [("fused", [])] if mode == "logprobs" and fmt.fused_logprobs else []
     if capacity < 1:

@@ -109,12 +109,18 @@ class PreferenceChunkObjective:
     """The preference loss as a :class:`fused_gspo.chunked.ChunkObjective`: for a chunk of whole pairs, the whole
     batch's objective differentiated at the chunk's log-probs (the other pairs' tokens read 0, and a pair's terms
     reach no other pair). After :meth:`finish`: ``logps`` ``[2B, T]``, ``batch`` (with every statistic) and ``terms``.
+    ``inputs``: the batch's tensors that require grad (a MoE ``aux_loss``), whose gradient :meth:`finish` takes from
+    the whole batch's objective, as the eager path's autograd would.
     """
 
     def __init__(self, layout: PairLayout, batch: PreferenceBatch, config: PreferenceLossConfig):
         self.layout, self.batch, self.config = layout, batch, config
         self.weighting = isinstance(config, DPOLossConfig) and config.use_weighting
         self.logps = self.terms = None
+        grad_on = torch.is_grad_enabled()
+        self.input_names = tuple(k for k, v in batch.__dict__.items() if grad_on and _requires_grad(v))
+        self.inputs = tuple(getattr(batch, name) for name in self.input_names)
+        self.input_grads = ()
 
     def grad(self, start: int, stop: int, stats: TokenStats):
         positions = (self.layout.positions[start:stop],)
@@ -133,7 +139,15 @@ class PreferenceChunkObjective:
     def finish(self, stats: TokenStats) -> torch.Tensor:
         self.logps = self.layout.scatter(stats.logp)
         self.batch = _full_batch(self.layout, stats, self.batch, self.config)
-        self.terms = preference_objective(self.logps, self.batch, self.config, values=False)
+        if not self.inputs:
+            self.terms = preference_objective(self.logps, self.batch, self.config, values=False)
+            return self.terms.loss.detach()
+        with torch.enable_grad():  # the single pass runs without autograd; these inputs need it
+            leaves = [t.detach().requires_grad_() for t in self.inputs]
+            batch = PreferenceBatch(**{**self.batch.__dict__, **dict(zip(self.input_names, leaves, strict=True))})
+            self.terms = preference_objective(self.logps, batch, self.config, values=False)
+            # None where the loss reads an input detached (the reference log-probs), as eagerly
+            self.input_grads = torch.autograd.grad(self.terms.loss, leaves, allow_unused=True)
         return self.terms.loss.detach()
 
 
@@ -241,11 +255,15 @@ def compute_preference_loss(
             stats = logprobs(x, weight, bias, targets, call, strategy)
             return _evaluated(layout, stats, base, config, hooks, train_eval)
         objective = PreferenceChunkObjective(layout, base, config)
-        loss, _, _ = SinglePassFunction.apply(x, weight, bias, targets, call, objective)
+        loss, _, _ = SinglePassFunction.apply(x, weight, bias, targets, call, objective, *objective.inputs)
         metrics = preference_metrics(objective.terms, objective.batch, config, train_eval=train_eval, **hooks.kwargs())
         return _output(loss, metrics, objective.terms, objective.logps, objective.batch.entropy)
 
     return run_planned(run, plan_for(workspace_bytes), plan_for, x.device)
+
+
+def _requires_grad(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
 
 
 def _whole(x) -> tuple[tuple[int, int], ...]:

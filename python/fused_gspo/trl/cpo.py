@@ -25,9 +25,11 @@ fails loudly instead of training on a different loss.
 Why there rather than calling the backbone submodule: the backbone is reached through the model's forward, whose
 wrappers (DDP's reducer, PEFT's adapter switching, ``torch.compile``, the MoE ``aux_loss``) a direct call would
 bypass; and inside the head's forward the head's parameters are exactly as the model uses them (on the head's device,
-under the model's autocast, and gathered by ZeRO-3's pre-forward hook). A recomputing backward re-enters TRL's ZeRO-3
-gather (``maybe_gather_lm_head_ctx``) through :data:`fused_gspo.chunked.weight_gather`, as in :mod:`.patch` (ZeRO-3
-follows TRL's documented contract, "run the loss inside the model's forward", but is not exercised by the tests).
+under the model's autocast, and gathered by ZeRO-3's pre-forward hook). The probe column carries the loss's gradient
+(:class:`fused_gspo.trl.stand_in.LossRelay`): the loss's backward comes through the model's logits and the head's
+output, where ZeRO-3's pre-backward hook gathers the head again before the fused backward hands back its gradient
+(and before the head's post-backward hook, on its input, which ZeRO-3 refuses to run first). Tested under DeepSpeed
+ZeRO-3 on CPU (``tests/test_zero3.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ..preference.batch import empty_rows_refusal, may_refuse_empty_rows
 from ..preference.config import CPOLossConfig
 from ..preference.head import MetricHooks, compute_preference_loss
 from .config_field import flag_on, init_validated_by, logits_dtype_of
+from .stand_in import LossRelay
 
 # The chunked head's scratch budget for every fused CPO call (``"auto"``: the planner's default, see docs/design.md;
 # on CPU a fixed 512 MiB). Read at each call.
@@ -155,6 +158,7 @@ class _HeadStandIn:
         self.logits_dtype = logits_dtype
         self.output = None
         self.probe = None
+        self.relay = LossRelay()
 
     def __call__(self, linear: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         if self.output is not None:
@@ -189,9 +193,11 @@ class _HeadStandIn:
             )
         finally:
             weight_gather.reset(token)
-        probe = F.linear(hidden, weight[:1], None if bias is None else bias[:1])
-        self.probe = probe.detach()
-        return probe
+        with torch.no_grad():  # nothing saved for a backward: a view of the gathered weight would keep it all alive
+            probe = F.linear(hidden, weight[:1], None if bias is None else bias[:1])
+        self.probe = probe
+        # the probe carries the loss's gradient through the head's output and the model's (LossRelay)
+        return self.relay.carrier(probe, self.output.loss)
 
     def check(self, outputs) -> None:
         """The loss was computed, and the model transformed the probe column as the fused head transforms logits."""
@@ -283,7 +289,9 @@ def _fused_get_batch_loss_metrics(self, model, batch, train_eval, original):
         )
     stand_in.check(outputs)
     out = stand_in.output
-    loss = out.loss
+    # the loss's backward through the model's logits and the head's output, as TRL's own loss's: ZeRO-3's
+    # pre-backward hook on the head's output gathers the head there, and must fire before the one on its input
+    loss = stand_in.relay.loss(out.loss, outputs.logits)
     if self.aux_loss_enabled:
         loss = loss + self.aux_loss_coef * outputs.aux_loss
     metrics = {name: value.item() for name, value in out.metrics.items()}  # TRL stores Python floats

@@ -19,7 +19,9 @@ gradient checkpointing, autocast, the MoE router bookkeeping, a ZeRO-3 / FSDP2 g
 stand-in computes the whole DPO loss there with :func:`fused_gspo.preference.head.compute_preference_loss` (the
 single pass where the planner picks it: ``6NHV``, the gradient formed while each chunk's logits are at hand, where
 TRL's head recomputes them in its backward) and hands TRL's forward per-token log-probs and entropies in the layout
-it scatters (the other three per-token outputs are None: only TRL's loss code reads them, and it does not run). TRL
+it scatters (the other three per-token outputs are None: only TRL's loss code reads them, and it does not run); the
+log-probs carry the loss's gradient, whose backward then comes through the model's output as TRL's own loss's does
+(:class:`fused_gspo.trl.stand_in.LossRelay`: ZeRO-3 gathers the head there for the fused backward). TRL
 passes either every position (``[2B * (L - 1), H]``, devices without Triton, e.g. the CPU) or the valid tokens only
 (``[n, H]``, Triton devices), as its ``_use_triton`` decides; with prompt-learning PEFT (prompt tuning, P-tuning) every
 row has the virtual tokens' positions in front, and, when a row's first token is a completion token (an empty prompt),
@@ -63,7 +65,7 @@ from ..preference.config import DPOLossConfig
 from ..preference.dpo import reference_logps
 from ..preference.head import MetricHooks, compute_preference_loss
 from .config_field import flag_on, init_validated_by, logits_dtype_of
-from .stand_in import LogProbRequest, active
+from .stand_in import LogProbRequest, LossRelay, active
 
 # The chunked head's scratch budget for every fused DPO call (``"auto"``: the planner's default). Read at each call.
 WORKSPACE_BYTES: int | str = "auto"
@@ -128,6 +130,7 @@ class _PreferenceRequest:
         self.logits_dtype = logits_dtype
         self.output = None
         self.captured = None
+        self.relay = LossRelay()
 
     def __call__(self, hidden, weight, bias, targets, temperature, softcap, logit_scale):
         if self.output is not None or self.captured is not None:
@@ -145,7 +148,8 @@ class _PreferenceRequest:
             return zeros, None, None, None, None
         self.output = self._compute(tokens, weight, bias, head)
         per_token = [self._scatter(values, layout) for values in (self.output.logps, self.output.entropy)]
-        return per_token[0], per_token[1], None, None, None
+        # the log-probs carry the loss's gradient through the model's output (LossRelay)
+        return self.relay.carrier(per_token[0], self.output.loss), per_token[1], None, None, None
 
     def _tokens(self, hidden, full):
         """The hidden states of the scored tokens, ``[2B, T, H]`` (every position handed over) or ``[n, H]`` (the
@@ -378,9 +382,11 @@ def _fused_compute_loss(self, model, inputs, return_outputs, original):
         )
     if request.output is None:
         request.finish(_loss_reference(self, model_kwargs, labels, shift_mask))
+        loss = request.output.loss  # computed after the forward: nothing to relay
+    else:  # the loss's backward through the model's output, as TRL's own loss's (ZeRO-3 gathers the head there)
+        loss = request.relay.loss(request.output.loss, outputs.log_probs)
     out = request.output
 
-    loss = out.loss
     metrics = self._metrics[mode]
     if self.aux_loss_enabled:
         aux_loss = outputs.aux_loss

@@ -15,7 +15,9 @@ How the hidden states are reached: TRL scores tokens through the forward it patc
 chunked head is taken by :class:`.stand_in.ChunkedLogProbStandIn`, so PEFT, gradient checkpointing, multimodal
 inputs, autocast and ``cast_lm_head_to_fp32`` all go through TRL's own plumbing. In ``_compute_loss`` the request
 computes the whole loss there; elsewhere (the no-grad ``old``/``ref`` log-prob passes) it computes log-probs with
-:func:`fused_gspo.fused_logprobs` (:class:`.stand_in.LogProbRequest`).
+:func:`fused_gspo.fused_logprobs` (:class:`.stand_in.LogProbRequest`). The loss's backward comes through the model's
+output, as TRL's own loss's (:class:`.stand_in.LossRelay`), so the hooks there run first: DeepSpeed ZeRO-3 gathers the
+LM head there for the fused backward.
 
 TRL versions: the patch replaces private methods of TRL 1.16.0 (:data:`TESTED_TRL_VERSIONS`); on any other version
 :func:`patch_trl` raises instead of patching.
@@ -34,7 +36,7 @@ from ..parallel.placements import is_dtensor
 from ..policy import CrossProcess, compute_policy_loss
 from . import cpo, dpo
 from .config_field import add_flag_field, flag_on, init_validated_by, logits_dtype_of, remove_flag_field
-from .stand_in import ChunkedLogProbStandIn, LogProbRequest, active, current_request
+from .stand_in import ChunkedLogProbStandIn, LogProbRequest, LossRelay, active, current_request
 from .tensor_parallel import agree_on_seed, sharded_head
 
 _saved: dict = {}
@@ -59,6 +61,7 @@ class _LossRequest:
         self.completion_ids, self.completion_mask, self.loss_mask = completion_ids, completion_mask, loss_mask
         self.input_len, self.config, self.loss_kwargs, self.hooks = input_len, config, loss_kwargs, hooks
         self.output = None
+        self.relay = LossRelay()
 
     def __call__(self, hidden, weight, bias, targets, temperature, softcap, logit_scale):
         B, T = self.completion_ids.shape
@@ -95,7 +98,8 @@ class _LossRequest:
             self.output = vocab_parallel.run(loss, tokens, weight, bias, backend="auto", tokens=ids)
         else:
             self.output = loss(tokens, weight, bias)
-        # Hand TRL's forward per-token values in the layout it scatters back (it only logs their shapes' worth)
+        # Hand TRL's forward per-token values in the layout it scatters back (it only logs their shapes' worth); the
+        # log-probs carry the loss's gradient through the model's output (LossRelay)
         per_token = []
         for values in (self.output.logps, self.output.entropy):
             if hidden.shape[0] == B * (self.input_len - 1):
@@ -104,7 +108,7 @@ class _LossRequest:
                 per_token.append(padded.reshape(-1))
             else:
                 per_token.append(values[scored])
-        return per_token[0], per_token[1], None, None, None
+        return self.relay.carrier(per_token[0], self.output.loss), per_token[1], None, None, None
 
 
 def _quiet_replace(config: PolicyLossConfig, **changes) -> PolicyLossConfig:
@@ -209,7 +213,7 @@ def _score(trainer, model, inputs, loss_mask, config, loss_kwargs, compute_aux_l
         hooks=_hooks(trainer),
     )
     with active(request), sharded_head(trainer, model):
-        _, _, aux_loss = trainer._get_per_token_logps_and_entropies(
+        logps, _, aux_loss = trainer._get_per_token_logps_and_entropies(
             model,
             input_ids,
             attention_mask,
@@ -223,6 +227,8 @@ def _score(trainer, model, inputs, loss_mask, config, loss_kwargs, compute_aux_l
             "use_fused_gspo_loss=True: the model's forward did not reach TRL's fused LM head, so the fused loss was "
             "never computed (was the model's forward replaced after the trainer was built?)"
         )
+    # the loss's backward through the model's output, as TRL's own loss's (its hooks: ZeRO-3 gathers the head there)
+    request.output.loss = request.relay.loss(request.output.loss, logps)
     return request.output, aux_loss
 
 
