@@ -85,6 +85,11 @@ def kernel_resources(device: torch.device) -> dict:
         out.loss.backward()
     with torch.no_grad():
         fused_gspo.fused_logprobs(h, w, ids, backend="triton")
+        # the fused matmul-epilogue kernel, which the planner no longer picks for the no-grad pass: called directly
+        from fused_gspo.head import HeadParams
+        from fused_gspo.triton_ops import TritonTileOps
+
+        TritonTileOps.fused_logprobs(h.detach().reshape(n, hidden), w.detach(), None, ids.reshape(n), HeadParams())
     torch.cuda.synchronize(device)
     from fused_gspo.kernels import linear_logprob, logits_grad, logsumexp_stats, scale_cast
 

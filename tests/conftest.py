@@ -264,6 +264,48 @@ def row_grads(n: int, seed: int, present: bool) -> torch.Tensor | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The GPU test mode's findings and the plans a call ran
+
+
+FINDINGS_ENV = "FUSED_GSPO_FINDINGS"
+
+
+def record_finding(name: str, **data) -> dict:
+    """What a GPU test saw that is worth keeping whether it passes or not (e.g. whether cuBLAS rounds a logit alike
+    across chunkings): one JSON line ``{"finding": name, ...}`` appended to the file named by ``$FUSED_GSPO_FINDINGS``
+    when it is set (``bench/gpu_issue21.sh`` sets it), and returned."""
+    import json
+
+    entry = {"finding": name, **data}
+    path = os.environ.get(FINDINGS_ENV)
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps(entry, default=str) + "\n")
+    return entry
+
+
+@pytest.fixture
+def planned_chunks(monkeypatch):
+    """The plans the chunked calls ran, in order: ``(strategy, bounds)`` of each ``fused_logprobs``,
+    ``fused_policy_loss`` and ``fused_preference_loss`` call that planned (the plan first tried; a re-plan after an
+    out-of-memory error is not listed)."""
+    import fused_gspo.api
+    import fused_gspo.policy
+    import fused_gspo.preference.head
+
+    seen = []
+    for module in (fused_gspo.api, fused_gspo.policy, fused_gspo.preference.head):
+        original = module.run_planned
+
+        def recording(run, plan, replan, device, _original=original):
+            seen.append((plan.strategy, [tuple(b) for b in plan.bounds]))
+            return _original(run, plan, replan, device)
+
+        monkeypatch.setattr(module, "run_planned", recording)
+    return seen
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Random objectives, and packed batches with their padded twins (tests/test_api.py, tests/test_policy.py)
 
 import fused_gspo  # noqa: E402

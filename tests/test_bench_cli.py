@@ -12,6 +12,7 @@ from bench_helpers import results_of, run_main
 
 from fused_gspo import bench
 from fused_gspo.bench import cli, contenders
+from fused_gspo.config import PolicyLossConfig
 
 
 def test_json_has_every_contender_checked(tmp_path, capsys):
@@ -91,6 +92,40 @@ def test_workspace_bytes_reaches_every_fused_contender_and_the_plan(tmp_path, mo
     assert all(r["check"]["status"] == "pass" for r in report["runs"][0]["results"])
 
 
+def test_autocast_row_runs_every_contender_under_autocast(tmp_path, monkeypatch):
+    """``--dtype fp32 --autocast bf16``: fp32 master weights, every contender called under ``torch.autocast``, checked
+    against the float64 reference of the bf16-rounded inputs with bf16's tolerance; the floor's GEMMs in bf16; the
+    plan made for bf16 compute; recorded in the JSON. PyTorch's ``linear_cross_entropy``, where it ignores autocast
+    (CPU, torch 2.13), is reported unsupported rather than timed in fp32."""
+    seen = []
+    real_loss = contenders.fused_policy_loss
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(contenders, "fused_policy_loss", spy)
+    argv = ["--dtype", "fp32", "--autocast", "bf16", "--contenders", "eager,torch,trl,torch_lce,floor"]
+    report = run_main(tmp_path, *argv, "--modes", "fwd_bwd,logprobs")
+    assert report["config"]["autocast"] == "bf16" and report["config"]["dtype_name"] == "fp32"
+    run = report["runs"][0]
+    assert run["reference"].endswith("of the inputs rounded to bfloat16")
+    assert seen and set(seen) == {(True, torch.bfloat16)}
+    assert run["plan"]["fwd_bwd"]["compute_dtype"] == run["plan"]["fwd_bwd"]["logits_dtype"] == "bfloat16"
+    for (contender, mode), r in results_of(report).items():
+        if contender == "torch_lce" and r["status"].startswith("unsupported: linear_cross_entropy ignores"):
+            continue
+        assert r["status"] == "ok", (contender, mode, r["status"])
+        if contender != "floor":
+            assert r["check"]["status"] == "pass" and r["check"]["tolerance"] == bench.TOLERANCES[torch.bfloat16]
+    # the floor: bf16 GEMMs on copies cast before the timed runs
+    inputs = bench.make_inputs(bench.Shape(16, 8, 40, 4, torch.float32), PolicyLossConfig(), torch.device("cpu"))
+    inputs.autocast = torch.bfloat16
+    outputs = contenders.GemmFloor().step("fwd_bwd", inputs, PolicyLossConfig())()
+    assert {t.dtype for t in outputs.values()} == {torch.bfloat16}
+    assert bench.main([*argv[:4], "--explain", "--device-profile", "h100", "--modes", "fwd_bwd"]) == 0
+
+
 # each option's bad value exits with status 2 and a message naming it
 @pytest.mark.parametrize(
     "argv, message",
@@ -109,6 +144,9 @@ def test_workspace_bytes_reaches_every_fused_contender_and_the_plan(tmp_path, mo
         (["--workspace-bytes", "0"], "'auto' or a positive number of bytes"),
         (["--device-profile", "h100"], "only applies with --explain"),
         (["--explain", "--device-profile", "nope"], "unknown device profile 'nope'; choose from h100-sxm"),
+        (["--autocast", "bf16"], "--autocast needs --dtype fp32"),
+        (["--autocast", "bf16", "--dtype", "bf16"], "--autocast needs --dtype fp32"),
+        (["--autocast", "bf16", "--dtype", "fp32", "--objective", "dpo"], "and a policy objective"),
         # issue 23: a budget the planner refuses was a traceback, --plot with --explain silently wrote nothing
         (["--explain", "--workspace-bytes", "100"], "--explain: workspace_bytes=100 cannot hold one token's logits"),
         (["--explain", "--plot", "plan.png"], "--plot draws measured time and memory, and --explain measures"),

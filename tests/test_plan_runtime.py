@@ -106,3 +106,70 @@ def test_the_plan_carries_the_format_the_driver_runs():
     assert plain.fmt.compute == plain.fmt.tile == torch.float32
     call = chunked.ChunkedHead(fused_gspo.head.HeadParams(), TorchTileOps, ((0, 6),), fmt=plan.fmt)
     assert chunked._Workspace(hidden, weight, None, call).buffer.dtype == torch.bfloat16
+
+
+def test_free_memory_respects_the_per_process_memory_fraction(monkeypatch):
+    """``free_device_bytes``: the driver's free memory plus the allocator's unused cache, and no more than a
+    ``set_per_process_memory_fraction`` cap leaves (what the re-plan after an out-of-memory error plans within).
+    The CUDA queries are stood in for."""
+    gib = 1 << 30
+    state = {"fraction": 1.0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 8 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: state["fraction"],
+                        raising=False)  # fmt: skip
+    cuda = torch.device("cuda", 0)
+    assert runtime.free_device_bytes(torch.device("cpu")) is None
+    assert runtime.free_device_bytes(cuda) == 62 * gib  # no cap: 60 free + 2 cached
+    state["fraction"] = 0.25  # a cap of 20 GiB, 10 reserved: 10 more can be reserved, plus the 2 cached
+    assert runtime.free_device_bytes(cuda) == 12 * gib
+    state["fraction"] = 0.1  # a cap under what is reserved: only the cache is left
+    assert runtime.free_device_bytes(cuda) == 2 * gib
+
+
+@pytest.mark.gpu
+def test_gpu_out_of_memory_under_a_memory_fraction_plans_again_and_warns_once(monkeypatch):
+    """On CUDA, under ``torch.cuda.set_per_process_memory_fraction``: an explicit budget whose one chunk (the whole
+    batch's 500 MiB bf16 tile) cannot fit under the cap runs out of memory once, is planned again within the memory
+    the cap leaves, warns once, and gives the unconstrained call's result (to the rounding of other chunks)."""
+    monkeypatch.setattr(runtime, "_warned_oom", False)
+    B, T, H, V = 16, 512, 512, 32_000
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(B, T, H, device="cuda", generator=g).bfloat16()
+    weight = (torch.randn(V, H, device="cuda", generator=g) * (2 / H**0.5)).bfloat16()
+    ids = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    advantages, mask = torch.randn(B, device="cuda", generator=g), torch.ones(B, T, device="cuda")
+
+    def run(budget):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fused_gspo.fused_policy_loss(h, w, ids, advantages, mask, backend="triton", loss_type="dapo",
+                                           workspace_bytes=budget)  # fmt: skip
+        return (out.loss.detach(), out.logps.detach(), *torch.autograd.grad(out.loss, (h, w)))
+
+    ref = run("auto")
+    one_chunk = workspace_for(B * T, "triton", torch.bfloat16, V, H)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
+    previous = (
+        torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
+    )
+    # room for the clones, the gradients, an fp32 dW accumulator and chunks of ~1/6 of the batch; not for one chunk
+    headroom = 400 << 20
+    assert B * T * V * 2 > headroom
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + headroom) / total)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = run(one_chunk)
+            again = run(one_chunk)  # out of memory again, planned again without a second warning
+    finally:
+        torch.cuda.set_per_process_memory_fraction(previous)
+        torch.cuda.empty_cache()
+    warned = [str(w.message) for w in caught if "ran out of device memory" in str(w.message)]
+    assert len(warned) == 1, [str(w.message) for w in caught]
+    for result in (got, again):
+        for name, tol, value, expected in zip(("loss", "logps", "dX", "dW"), (1e-3, 1e-3, 1e-2, 1e-2), result, ref,
+                                              strict=True):  # fmt: skip
+            assert float((value.double() - expected.double()).norm() / expected.double().norm()) < tol, name

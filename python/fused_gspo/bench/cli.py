@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--valid-frac", type=float, default=1.0, help="sequence lengths drawn in [frac*T, T] (default 1: no padding)"
     )
     shape.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default bf16 on GPU, fp32 on CPU)")
+    shape.add_argument(
+        "--autocast",
+        choices=("bf16", "fp16"),
+        help="run every contender under torch.autocast(device, dtype) with --dtype fp32 inputs: fp32 master weights, "
+        "16-bit GEMMs (the floor: the bare GEMMs in that dtype); policy objectives only",
+    )
     shape.add_argument("--sweep-tokens", type=_token_list, help="comma list of token counts to run in turn")
     obj = parser.add_argument_group("objective (policy: --objective policy, the default)")
     obj.add_argument("--loss-type", choices=LOSS_TYPES, help="default grpo")
@@ -168,6 +174,8 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error("--device cuda: no CUDA device is available")
     check_family_options(args, parser.error)
     family = args.objective
+    if args.autocast is not None and (family != "policy" or args.dtype != "fp32"):
+        parser.error("--autocast needs --dtype fp32 (fp32 master weights) and a policy objective")
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     profile_name = None
     if args.explain:
@@ -268,6 +276,7 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         explain=args.explain,
         device_profile=profile_name,
         family=family,
+        autocast=args.autocast,
     )
 
 
@@ -309,6 +318,8 @@ def _run_benchmark(settings: Settings) -> tuple[list[dict], str]:
         shape = Shape(tokens, settings.hidden, settings.vocab, seq_len, DTYPES[settings.dtype_name])
         progress.show(f"N={tokens}: inputs and reference")
         inputs = make(shape, settings.config, settings.device, settings.seed, settings.valid_frac)
+        if settings.autocast is not None:
+            inputs.autocast = DTYPES[settings.autocast]
         ref = reference(inputs, settings.config)
         results = []
         for contender in contenders:
@@ -348,6 +359,7 @@ def _run_benchmark(settings: Settings) -> tuple[list[dict], str]:
                 settings.config,
                 settings.modes,
                 settings.device,
+                autocast=inputs.autocast,
             )
         runs.append(run)
         del inputs, ref
@@ -381,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     device = device_info(settings.device)
     timer = "CUDA events, synchronize before each run" if settings.device.type == "cuda" else "time.perf_counter"
     shape = f"H={settings.hidden}, V={settings.vocab}, {settings.dtype_name}"
+    if settings.autocast is not None:
+        shape += f" under torch.autocast({settings.autocast})"
     for run in runs:
         if "pairs" in run:
             rows = f"2B={run['batch']} rows x T={run['seq_len']}: {run['pairs']} pairs"

@@ -320,6 +320,9 @@ class TorchLinearCrossEntropy(Contender):
             return f"unsupported: {why}"
         self.options = torch.nn.LinearCrossEntropyOptions()
         self.scale = cfg.logit_scale / cfg.temperature
+        if inputs.autocast is not None and self.ignores_autocast(inputs):
+            dtype = str(inputs.autocast).removeprefix("torch.")
+            return f"unsupported: linear_cross_entropy ignores torch.autocast({dtype}) here (it computes in float32)"
         path = self.probe(inputs)
         if self.scale != 1.0:
             path += f"; logit scale {self.scale:g} folded into x (exact: a power of 2)"
@@ -329,6 +332,16 @@ class TorchLinearCrossEntropy(Contender):
         )
         self.note = path
         return None
+
+    def ignores_autocast(self, inputs: Inputs) -> bool:
+        """Whether ``linear_cross_entropy`` gives the same bits under ``torch.autocast`` as without it, on a few
+        valid tokens (a 16-bit computation would round them differently)."""
+        x, weight, ids = inputs.x_valid[:8], inputs.weight.detach(), inputs.ids_valid[:8]
+        with torch.no_grad():
+            plain = self._ce(x, weight, ids)
+            with torch.autocast(inputs.device.type, dtype=inputs.autocast):
+                autocast = self._ce(x, weight, ids)
+        return torch.equal(plain.float(), autocast.float())
 
     def probe(self, inputs: Inputs) -> str:
         """Which path ``linear_cross_entropy`` takes here: one valid token through it, with grad, recording
@@ -372,13 +385,17 @@ class TorchLinearCrossEntropy(Contender):
 
 
 class GemmFloor(Contender):
-    """The bare LM-head GEMMs at the valid tokens' shape and the input dtype: the time no implementation beats."""
+    """The bare LM-head GEMMs at the valid tokens' shape and the input dtype: the time no implementation beats.
+    Under ``--autocast``, the GEMMs in the autocast dtype on copies cast once, outside the timed runs."""
 
     name = "floor"
     description = "bare GEMMs: X @ W.T (fwd, logprobs); + G @ W and G.T @ X with G the [n, V] product (fwd_bwd)"
 
     def step(self, mode, inputs, cfg):
         x, w = inputs.x_valid, inputs.weight.detach()
+        autocast = getattr(inputs, "autocast", None)
+        if autocast is not None:
+            x, w = x.to(autocast), w.to(autocast)
 
         def run() -> Outputs:
             with torch.no_grad():

@@ -155,6 +155,16 @@ class Result:
         return out
 
 
+def under_autocast(run: Callable[[], Outputs], device: torch.device, dtype: torch.dtype) -> Callable[[], Outputs]:
+    """``run`` under ``torch.autocast(device.type, dtype)`` (``--autocast``: fp32 master weights, 16-bit compute)."""
+
+    def autocast_run() -> Outputs:
+        with torch.autocast(device.type, dtype=dtype):
+            return run()
+
+    return autocast_run
+
+
 def _recording(run: Callable[[], Outputs]) -> tuple[Outputs, list[str]]:
     """Call ``run`` once, recording its warnings (each distinct message once, in order)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -176,11 +186,14 @@ def measure(
 ) -> Result:
     """Check one contender in one mode against the reference, measure its peak memory, warm up, then time it."""
     result = Result(contender.name, mode, "ok")
+    autocast = getattr(inputs, "autocast", None)
     try:
         run = contender.step(mode, inputs, cfg)
+        if autocast is not None:
+            run = under_autocast(run, inputs.device, autocast)
         outputs, result.warnings = _recording(run)
         if ref is not None:
-            result.check = check_outputs(outputs, ref, inputs.hidden.dtype)
+            result.check = check_outputs(outputs, ref, autocast or inputs.hidden.dtype)
         del outputs
         # After the check run (one-time allocations such as workspaces are made), before the warm-up (so the
         # timed runs do not pay for the pages the CPU probe hands back to the OS)

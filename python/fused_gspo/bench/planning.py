@@ -52,9 +52,10 @@ def run_plans(
     config: PolicyLossConfig,
     modes: list[str],
     device: str | DeviceProfile,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, Plan]:
     """``fused_gspo.explain`` for each mode: ``tokens`` valid tokens in rows of ``row_lengths``, off-policy (the
-    benchmark's ``old_logps`` are perturbed), the config's workspace budget, backend ``"auto"``."""
+    benchmark's ``old_logps`` are perturbed), the config's workspace budget, backend ``"auto"``, under ``autocast``."""
     return {
         mode: explain(
             tokens,
@@ -67,6 +68,7 @@ def run_plans(
             row_lengths=row_lengths,
             mode=mode,
             on_policy=False,
+            autocast=autocast,
         )
         for mode in modes
     }
@@ -81,6 +83,7 @@ def recorded_plans(
     config: PolicyLossConfig,
     modes: list[str],
     device: torch.device,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, dict]:
     """What a benchmark run records under ``"plan"``: per mode, ``explain(..., device="cuda")`` on a GPU (the
     ``"cpu"`` profile on CPU) as ``Plan.to_dict(per_chunk=True)``; a mode the planner fails on gets ``{"error": ...}``
@@ -89,7 +92,7 @@ def recorded_plans(
     out = {}
     for mode in modes:
         try:
-            plan = run_plans(tokens, hidden, vocab, dtype, row_lengths, config, [mode], profile)[mode]
+            plan = run_plans(tokens, hidden, vocab, dtype, row_lengths, config, [mode], profile, autocast)[mode]
             out[mode] = plan.to_dict(per_chunk=True)
         except Exception as exc:  # noqa: BLE001  (the measured figures matter more than the prediction)
             out[mode] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -101,6 +104,10 @@ def run_explain(settings: Settings, command: list[str], json_path: str | None) -
     profile = settings.device_profile
     dtype = DTYPES[settings.dtype_name]
     shape_text = f"H={settings.hidden}, V={settings.vocab}, {settings.dtype_name}"
+    autocast = None
+    if settings.autocast is not None:
+        shape_text += f" under torch.autocast({settings.autocast})"
+        autocast = DTYPES[settings.autocast]
     planned = []  # every plan first: a refused option is a usage error, not a traceback after half the output
     for tokens in settings.token_counts:
         seq_len = settings.seq_len or default_seq_len(tokens)
@@ -108,8 +115,9 @@ def run_explain(settings: Settings, command: list[str], json_path: str | None) -
         lengths, exact = layout_row_lengths(shape, settings.seed, settings.valid_frac)
         try:
             plans = run_plans(
-                sum(lengths), settings.hidden, settings.vocab, dtype, lengths, settings.config, settings.modes, profile
-            )
+                sum(lengths), settings.hidden, settings.vocab, dtype, lengths, settings.config, settings.modes, profile,
+                autocast,
+            )  # fmt: skip
         except ValueError as exc:
             raise PlanRefused(str(exc)) from exc
         planned.append((tokens, seq_len, shape, lengths, exact, plans))

@@ -74,6 +74,9 @@ class Inputs:
     ref_logps: torch.Tensor | None  # [B, T] float32, when beta != 0
     x_valid: torch.Tensor  # [n, H] the valid tokens' hidden states (detached): what the logprobs mode scores
     ids_valid: torch.Tensor  # [n]
+    # --autocast: every contender runs under torch.autocast(device, autocast) (fp32 master weights, 16-bit compute);
+    # the reference takes the inputs rounded to it, the check its tolerance
+    autocast: torch.dtype | None = None
 
     @property
     def device(self) -> torch.device:
@@ -170,10 +173,15 @@ def reference_precision(valid_tokens: int, vocab: int) -> tuple[torch.dtype, str
 
 
 def compute_reference(inputs: Inputs, cfg: PolicyLossConfig) -> Reference:
-    """Loss, gradients and log-probs from the float64 eager path (small shapes) or our float32 torch backend."""
+    """Loss, gradients and log-probs from the float64 eager path (small shapes) or our float32 torch backend; under
+    ``--autocast``, of the inputs rounded to the autocast dtype (what every contender's GEMMs see)."""
     dtype, backend, kind = reference_precision(inputs.valid_tokens, inputs.weight.shape[0])
-    hidden = inputs.hidden.detach().to(dtype).requires_grad_()
-    weight = inputs.weight.detach().to(dtype).requires_grad_()
+    hidden, weight = inputs.hidden.detach(), inputs.weight.detach()
+    if inputs.autocast is not None:
+        hidden, weight = hidden.to(inputs.autocast), weight.to(inputs.autocast)
+        kind += f" of the inputs rounded to {str(inputs.autocast).removeprefix('torch.')}"
+    hidden = hidden.to(dtype).requires_grad_()
+    weight = weight.to(dtype).requires_grad_()
     out = fused_policy_loss(
         hidden,
         weight,

@@ -32,6 +32,7 @@ class Settings:
     explain: bool = False
     device_profile: str | None = None  # --explain's profile (a name fused_gspo.explain takes)
     family: str = "policy"  # --objective: policy, dpo or cpo
+    autocast: str | None = None  # --autocast: a DTYPES name; every contender runs under torch.autocast in it
 
     def objective(self) -> str:
         cfg = self.config

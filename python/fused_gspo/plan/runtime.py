@@ -71,12 +71,19 @@ def device_profile(device: torch.device) -> DeviceProfile:
 
 def free_device_bytes(device: torch.device) -> float | None:
     """Memory a new allocation can get on ``device``: the driver's free memory plus what PyTorch's caching allocator
-    holds unused. None off CUDA."""
+    holds unused. A cap set by ``torch.cuda.set_per_process_memory_fraction`` bounds it too (the allocator refuses
+    to reserve past ``fraction * total``, whatever the driver has free). None off CUDA."""
     if device.type != "cuda":
         return None
-    free, _total = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return float(free + max(cached, 0))
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    cached = max(reserved - torch.cuda.memory_allocated(device), 0)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:
+        capped = fraction(device)
+        if capped < 1.0:
+            free = min(free, max(int(capped * total) - reserved, 0))
+    return float(free + cached)
 
 
 def plan_call(
