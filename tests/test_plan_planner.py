@@ -189,3 +189,23 @@ def test_default_budget_on_a_gpu():
     assert _auto(REFERENCE, h100, free=2 << 30) == (2 << 30) // 4
     # never below one token's row, even on a nearly full device
     assert _auto(REFERENCE, h100, free=1000) == FMT.bytes_per_token(151936, 4096)
+
+
+@settings(max_examples=40)
+@given(case=problems())
+def test_no_grad_and_training_passes_cut_the_same_chunks(case):
+    """Over the same tokens with the same budget (explicit, or ``"auto"``), the no-grad pass and a token-coupled
+    training pass get the same chunks on every GPU profile, so their projections are the same GEMMs (the GPU
+    planner used to cost a few chunk counts and could pick 1 for one pass and 2 for the other)."""
+    problem, _, _, budget, profile = case
+    assume(planner.capacity_tokens(problem, FMT, budget) >= 1)
+    no_grad = planner.choose(
+        problem, FMT, coupling="global", row_counts=None, workspace_bytes=budget, profile=profile, mode="logprobs"
+    )
+    training = _choose(problem, "token", None, budget, profile)
+    assert no_grad.bounds == training.bounds
+    auto = [
+        planner.auto_workspace_bytes(problem, FMT, coupling=c, row_counts=None, profile=profile, mode=m)
+        for c, m in (("global", "logprobs"), ("token", "fwd_bwd"))
+    ]
+    assert auto[0] == auto[1]

@@ -1,9 +1,11 @@
 """The planner: which strategy and which chunks, within a workspace budget, by the cost model's prediction.
 
 Candidates are the single pass (when the objective's gradient coupling allows it and every row fits, chunks cut only
-between rows for sequence coupling) and the two phases (score, then recompute for the gradient; chunks anywhere),
-each with the fewest chunks the budget allows and a few more. Chunks are balanced: ``k`` chunks of ``N / k`` tokens
-rather than full chunks and a small tail, so the workspace actually allocated is no larger than it has to be.
+between rows for sequence coupling) and the two phases (score, then recompute for the gradient; chunks anywhere).
+Chunks cut anywhere are the fewest the budget allows (the same for every pass over the same tokens); chunks of whole
+rows the fewest and a few more. Chunks are balanced: ``k`` chunks of ``N / k`` tokens rather than full chunks and a
+small tail, so the workspace actually allocated is no larger than it has to be. The no-grad pass's ``"auto"`` budget
+is the one a training call over the same tokens gets.
 
 On a GPU the candidate with the smallest predicted time wins; a larger budget only adds candidates, so it is never
 predicted slower. The single pass wins at every realistic shape (it saves a whole projection, ``2NHV``); the two
@@ -16,6 +18,7 @@ The ``"auto"`` budget (:func:`auto_workspace_bytes`) is documented in ``docs/des
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -134,12 +137,16 @@ def candidates(
     fused = [("fused", [])] if mode == "logprobs" and fmt.fused_logprobs else []
     if capacity < 1:
         return fused
+    # Chunks cut anywhere are always the fewest the budget allows, balanced: one chunking per token count and budget,
+    # whatever the pass, so the no-grad pass and a token-coupled training pass over the same tokens project the same
+    # rows in the same GEMMs (their log-probs are then the same bits; a GEMM may round a row differently when it
+    # shares the call with other rows)
     fewest = -(-n // capacity)
-    out = [("two_phase", token_bounds(n, k)) for k in range(fewest, min(fewest + EXTRA_CANDIDATES, n) + 1)]
+    out = [("two_phase", token_bounds(n, fewest))]
     if mode == "logprobs" or coupling == "global":
         return fused + out
     if coupling == "token":
-        single = [token_bounds(n, k) for k in range(fewest, min(fewest + EXTRA_CANDIDATES, n) + 1)]
+        single = [token_bounds(n, fewest)]
     else:
         counts = list(row_counts)
         if max(counts, default=0) > capacity:
@@ -228,7 +235,12 @@ def auto_workspace_bytes(
     """
     if not profile.is_gpu:
         return AUTO_CPU_BYTES
-    mode = "fwd_bwd" if mode == "fwd" else mode  # as choose() decides
+    if mode == "logprobs":
+        # the no-grad pass takes the budget of a training call over the same tokens (the token-coupled one: it knows
+        # no rows), so that both cut the same chunks and their log-probs are the same bits
+        problem = dataclasses.replace(problem, hidden_grad=True, weight_grad=True)
+        coupling, row_counts = "token", None
+    mode = "fwd_bwd" if mode in ("fwd", "logprobs") else mode  # as choose() decides
     if free_bytes is None:
         free_bytes = ASSUMED_FREE_FRACTION * profile.memory_bytes
     row = fmt.bytes_per_token(problem.vocab, problem.hidden)
