@@ -38,8 +38,6 @@ def test_chunk_formats_follow_backend_and_device():
     assert TORCH_GPU.grad_dtype == torch.float32 and TORCH_GPU.convert_grad
     # off CUDA the GEMMs run in fp32: the 16-bit gradient and the hidden rows are upcast
     assert TRITON_CPU.operand_dtype == torch.float32 and TRITON_CPU.convert_grad and TRITON_CPU.convert_hidden
-    # no format takes the fused no-grad kernel: its fp32 logits could not equal the training pass's bits
-    assert not any(f.fused_logprobs for f in (TRITON_GPU, TRITON_GPU_16, TORCH_GPU, TRITON_CPU_16))
 
 
 def test_16bit_staging_is_the_default_for_16bit_compute():
@@ -176,8 +174,6 @@ def test_peak_counts_workspace_accumulators_and_outputs():
     whole = 100 * TRITON_GPU_16.bytes_per_token(50, 8)
     one_chunk = cost.peak_bytes(p, TRITON_GPU_16, 100, "single_pass", "fwd_bwd", weight_copy=False)
     assert one_chunk == whole + stats + outputs
-    # the no-grad fused kernel needs no workspace at all
-    assert cost.peak_bytes(p, TRITON_GPU, 0, "fused", "logprobs", weight_copy=False) == stats
 
 
 _VIEWS = {

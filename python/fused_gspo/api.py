@@ -257,7 +257,7 @@ def fused_logprobs(
 
         def run(plan):
             call = ChunkedHead(head, tile_ops, tuple(plan.bounds), weight_gather.get(), fmt=plan.fmt)
-            return logprobs(flat_hidden, weight, bias, flat_targets, call, plan.strategy)
+            return logprobs(flat_hidden, weight, bias, flat_targets, call)
 
         stats = run_planned(run, plan_for(workspace_bytes), plan_for, flat_hidden.device)
         logp, entropy = stats.logp, stats.entropy

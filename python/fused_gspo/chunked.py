@@ -510,12 +510,9 @@ class SinglePassFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, *inputs
 
 
-def logprobs(hidden, weight, bias, targets, call: ChunkedHead, strategy: str = "two_phase") -> TokenStats:
-    """Every token's :class:`TokenStats` (``logp`` and ``entropy`` differentiable): through :class:`LogProbFunction`,
-    or, for the planner's ``"fused"`` strategy (no gradient can flow, no extras), from the tile ops'
-    matmul-with-epilogue kernel whose logits never leave the chip (the ``old`` / ``ref`` log-prob pass)."""
-    if strategy == "fused":
-        return TokenStats(*call.ops.fused_logprobs(hidden, weight, bias, targets, call.head))
+def logprobs(hidden, weight, bias, targets, call: ChunkedHead) -> TokenStats:
+    """Every token's :class:`TokenStats` (``logp`` and ``entropy`` differentiable) through :class:`LogProbFunction`:
+    the two phases' first, and the ``old`` / ``ref`` log-prob pass."""
     logp, entropy, *extras = LogProbFunction.apply(hidden, weight, bias, targets, call)
     return TokenStats(logp, entropy, None, *extras)
 

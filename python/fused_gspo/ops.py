@@ -253,7 +253,7 @@ def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend,
         logits_dtype=precision[1],
     )
     head = HeadParams(temperature, logit_scale, softcap)
-    return ChunkedHead(head, ops, tuple(plan.bounds), fmt=plan.fmt), plan.strategy
+    return ChunkedHead(head, ops, tuple(plan.bounds), fmt=plan.fmt)
 
 
 @torch.library.custom_op("fused_gspo::logprobs", mutates_args=())
@@ -278,13 +278,10 @@ def logprobs_op(
         logp, entropy = full_logprobs(hidden, weight, bias, targets, head, compute_dtype)
         return logp, entropy, torch.zeros_like(logp)
     mode = "fwd_bwd" if any(needs) else "logprobs"
-    call, strategy = _head_call(
+    call = _head_call(
         hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs,
         (compute_dtype, logits_dtype),
     )  # fmt: skip
-    if strategy == "fused":
-        logp, entropy, lse = call.ops.fused_logprobs(hidden, weight, bias, targets, call.head)
-        return logp, entropy, lse
     from .chunked import score  # noqa: PLC0415
 
     stats = score(hidden, weight, bias, targets, call)
@@ -332,7 +329,7 @@ def logprobs_backward_op(
         wanted = zip((hidden, weight, bias), needs, strict=True)
         results = [grads.pop(0) if (t is not None and n) else None for t, n in wanted]
     else:
-        call, _ = _head_call(
+        call = _head_call(
             hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, "fwd_bwd", needs,
             (compute_dtype, logits_dtype),
         )  # fmt: skip

@@ -250,7 +250,7 @@ def compute_policy_loss(
     def run(plan: ChunkPlan) -> PolicyLossOutput:
         call = ChunkedHead(head, ops, tuple(plan.bounds), weight_gather.get(), fmt=plan.fmt)
         if plan.strategy != "single_pass":  # every token scored, then the objective; the backward recomputes
-            stats = logprobs(x, weight, bias, targets, call, plan.strategy)
+            stats = logprobs(x, weight, bias, targets, call)
             logp, entropy = stats.logp, stats.entropy
             return _evaluated(
                 layout.scatter(logp), layout.scatter(entropy), batch, cfg, num_items, hooks, counts.valid_tokens

@@ -101,8 +101,7 @@ class ChunkFormat:
     gradient in another dtype is converted (one more pass and one more buffer). ``projection_dtype``: the projection
     GEMM's operands (the tile's own dtype when it is 16-bit: the GEMM writes the staged tile directly).
     ``compute_dtype``: what the inputs are rounded to before any GEMM (autocast's dtype under autocast).
-    ``convert_hidden``: the hidden chunk is cast for the GEMMs. ``fused_logprobs``: the no-grad pass may use the
-    backend's matmul-with-epilogue kernel.
+    ``convert_hidden``: the hidden chunk is cast for the GEMMs.
     """
 
     stats_dtype: torch.dtype
@@ -110,7 +109,6 @@ class ChunkFormat:
     grad_dtype: torch.dtype
     operand_dtype: torch.dtype
     convert_hidden: bool = False
-    fused_logprobs: bool = False
     tile_dtype: torch.dtype | None = None  # None: the stats dtype
     projection_dtype: torch.dtype | None = None  # None: the operand dtype
     compute_dtype: torch.dtype | None = None  # None: the operand dtype
@@ -156,8 +154,6 @@ class Stage:
     exps: float = 0.0
     kernels: int = 1
     operands: str | None = None  # a GEMM's operand key for DeviceProfile.gemm_flops ("bf16", "fp32", "tf32", ...)
-    passes: int = 1  # tensor-core passes per FLOP (3xTF32 dots: three)
-    fused_gemm: bool = False  # our Triton matmul-with-epilogue: DeviceProfile.fused_gemm_efficiency of the library rate
     host_seconds: float = 0.0  # time the device waits for the host (the "host" stage only)
     wire_bytes: float = 0.0  # bytes one rank sends to the others (a collective of a vocabulary-parallel call)
     collectives: int = 0  # collectives launched: each pays the link's latency
@@ -169,10 +165,7 @@ class Stage:
             return self.host_seconds, "host"
         terms = {"memory": self.bytes / profile.stream_bandwidth, "exp": self.exps / profile.exp_rate}
         if self.flops:
-            rate = profile.gemm_flops(self.operands)
-            if self.fused_gemm:
-                rate *= profile.fused_gemm_efficiency
-            terms["compute"] = self.flops * self.passes / rate
+            terms["compute"] = self.flops / profile.gemm_flops(self.operands)
         if self.collectives:
             terms["link"] = self.wire_bytes / profile.link_rate
         bound = max(terms, key=terms.get)
@@ -289,19 +282,6 @@ def handshake(p: Problem) -> Stage:
     return Stage("handshake", kernels=4, wire_bytes=wire, collectives=1)
 
 
-def fused_logprobs(p: Problem) -> Stage:
-    """The no-grad matmul-with-epilogue kernel: the projection's FLOPs, the inputs read once, the statistics in
-    registers."""
-    ob = _bytes(p.dtype)
-    stage = _gemm("fused log-probs", p.tokens, p.vocab, p.hidden, ob, 0, p.dtype)
-    stage.exps = p.tokens * p.vocab * (2 if p.softcap else 1)
-    stage.kernels = 2  # the kernel and the merge of its partials
-    stage.fused_gemm = True
-    if p.dtype == torch.float32:  # 3xTF32 dots: three TF32 tensor-core passes, still faster than plain FP32
-        stage.operands, stage.passes = "tf32", 3
-    return stage
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Schedules
 
@@ -405,9 +385,7 @@ def schedule_cost(
     runs: list[tuple[str, list[int]]] = []
     before: list[Stage] = []  # the call's prologue
     after: list[Stage] = []  # the objective over the batch, then the backward's tail
-    if strategy == "fused":
-        after.append(fused_logprobs(p))
-    elif mode == "logprobs" or strategy == "two_phase":
+    if mode == "logprobs" or strategy == "two_phase":
         runs.append(("score", sizes))
         if mode != "logprobs":
             after.append(finish())
@@ -518,7 +496,7 @@ def peak_bytes(p: Problem, fmt: ChunkFormat, widest: int, strategy: str, mode: s
     stats = p.tokens * 8 * _bytes(fmt.stats_dtype)  # log-probs, entropies, log-sum-exps, their [B, T] scatters
     weight = p.vocab * p.hidden * _bytes(fmt.operand_dtype) if weight_copy else 0
     if mode == "logprobs":
-        return (0 if strategy == "fused" else workspace + weight) + stats
+        return workspace + weight + stats
     grad = mode == "fwd_bwd" or strategy == "single_pass"
     accumulators = 0
     outputs = 0

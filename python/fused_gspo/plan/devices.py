@@ -33,17 +33,13 @@ class DeviceProfile:
     name: str
     description: str
     # dense peak FLOP/s of a GEMM by operand dtype: "bf16", "fp16", "fp32" (plain FP32, what torch.mm runs with TF32
-    # off, PyTorch's default), "tf32" (tensor cores; the Triton no-grad kernel's 3xTF32 dot costs three of these)
+    # off, PyTorch's default), "tf32" (tensor cores)
     peak_flops: dict[str, float]
     bandwidth: float  # bytes/s of device memory (datasheet)
     memory_bytes: float
     multiprocessors: int
     clock_hz: float  # boost clock: with the multiprocessor count it gives the exp() throughput
     gemm_efficiency: float = 0.75
-    # what the Triton matmul-with-epilogue kernel (the no-grad log-prob pass) reaches of the library GEMM's rate:
-    # 25.7 ms against cuBLAS's 14.1 ms at N=8192, H=4096, V=151936, bf16 on an H100 SXM (Triton 3.6,
-    # bench/results/gpu-h100-profile.json)
-    fused_gemm_efficiency: float = 0.55
     bandwidth_efficiency: float = 0.9
     small_kernel_us: float = 3.0  # device time of a tiny elementwise kernel, launch latency included
     # The host side (cost.host_wait): the device's idle time per host read (the read drains the queue; the device

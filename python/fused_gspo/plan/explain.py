@@ -120,8 +120,6 @@ class Plan:
         return "\n".join(lines)
 
     def schedule_line(self) -> str:
-        if self.strategy == "fused":
-            return "fused: one matmul-with-epilogue kernel, no workspace"
         line = f"{self.strategy}: {self.num_chunks} chunk(s) of up to {self.chunk_tokens} tokens"
         if any(row.name == "dW" for row in self.stages) and not any(r.name == "gradient output" for r in self.stages):
             line += " (one chunk: the gradient formed in the backward from the kept tile, dW and dX written once)"

@@ -48,7 +48,7 @@ EXTRA_CANDIDATES = 3
 
 @dataclass
 class ChunkPlan:
-    """What the driver runs: ``strategy`` (``"single_pass"``, ``"two_phase"`` or ``"fused"``: the no-grad kernel),
+    """What the driver runs: ``strategy`` (``"single_pass"`` or ``"two_phase"``),
     token ``bounds`` ``[(start, stop), ...]`` in the order of the valid tokens, and the prediction behind the choice."""
 
     strategy: str
@@ -133,10 +133,8 @@ def candidates(
         # cross-process gather of every entropy, which only the two phases make: another process with tokens waits
         # for it
         return [("single_pass" if mode != "logprobs" and coupling != "global" else "two_phase", [])]
-    # the no-grad pass: the fused kernel (no workspace) first, then the chunked cuBLAS path where a row fits
-    fused = [("fused", [])] if mode == "logprobs" and fmt.fused_logprobs else []
     if capacity < 1:
-        return fused
+        return []
     # Chunks cut anywhere are always the fewest the budget allows, balanced: one chunking per token count and budget,
     # whatever the pass, so the no-grad pass and a token-coupled training pass over the same tokens project the same
     # rows in the same GEMMs (their log-probs are then the same bits; a GEMM may round a row differently when it
@@ -144,7 +142,7 @@ def candidates(
     fewest = -(-n // capacity)
     out = [("two_phase", token_bounds(n, fewest))]
     if mode == "logprobs" or coupling == "global":
-        return fused + out
+        return out
     if coupling == "token":
         single = [token_bounds(n, fewest)]
     else:
@@ -182,9 +180,8 @@ def choose(
         raise ValueError(f"coupling must be 'token', 'sequence' or 'global', got {coupling!r}")
     if coupling == "sequence" and row_counts is None:
         raise ValueError("row_counts are needed to plan chunks that cut only between rows")
-    needs_workspace = problem.tokens > 0 and not (mode == "logprobs" and fmt.fused_logprobs)
     capacity = capacity_tokens(problem, fmt, workspace_bytes)
-    if needs_workspace and capacity < 1:
+    if problem.tokens > 0 and capacity < 1:
         row = fmt.bytes_per_token(problem.vocab, problem.hidden)
         raise ValueError(
             f"workspace_bytes={workspace_bytes} cannot hold one token's logits row ({row} bytes at V={problem.vocab})"

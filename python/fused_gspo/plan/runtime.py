@@ -34,10 +34,10 @@ def chunk_format(
     """How ``ops`` hold a chunk of inputs computed in ``compute_dtype`` (:func:`fused_gspo.precision.compute_dtype`),
     on CUDA or elsewhere, with the logits staged as ``logits_dtype`` says (:func:`fused_gspo.precision.staging_dtype`).
 
-    The no-grad pass never takes the backend's matmul-with-epilogue kernel (``fused_logprobs=False``): its logits
-    never leave the chip in fp32, so its log-probs could not be the same bits as the training pass's, whose logits
-    are staged (an on-policy ratio must be exactly 1), and cuBLAS with a 16-bit tile reads less than it computes
-    (measured on an H100: the fused kernel reaches 0.55 of cuBLAS's rate, ``plan/devices.py``).
+    The no-grad pass scores through the same staged tile as the training pass: the backend's matmul-with-epilogue
+    kernel (``TritonTileOps.fused_logprobs``, whose fp32 logits never leave the chip) is not a schedule, since its
+    log-probs could not be the same bits as the training pass's (an on-policy ratio must be exactly 1), and it reached
+    0.55 of cuBLAS's rate on an H100 (``bench/results/gpu-h100-profile.json``).
     """
     stats = stats_dtype_for(compute_dtype)
     tile = staging_dtype(compute_dtype, logits_dtype)
@@ -49,7 +49,6 @@ def chunk_format(
         grad_dtype=ops.grad_dtype(compute_dtype, tile),
         operand_dtype=operands,
         convert_hidden=hidden_dtype != operands,
-        fused_logprobs=False,
         tile_dtype=tile,
         # a 16-bit tile is the projection GEMM's own output (TRL's torch.mm(..., out=tile)), on any device
         projection_dtype=tile if half_tile else operands,

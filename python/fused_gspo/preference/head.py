@@ -249,10 +249,9 @@ def compute_preference_loss(
         )  # fmt: skip
 
     def run(plan):
-        strategy = "two_phase" if (plan.strategy == "fused" and dpo) else plan.strategy  # the extras need the tile
         call = ChunkedHead(head, ops, tuple(plan.bounds) or _whole(x), weight_gather.get(), extras=dpo, fmt=plan.fmt)
-        if strategy != "single_pass":
-            stats = logprobs(x, weight, bias, targets, call, strategy)
+        if plan.strategy != "single_pass":
+            stats = logprobs(x, weight, bias, targets, call)
             return _evaluated(layout, stats, base, config, hooks, train_eval)
         objective = PreferenceChunkObjective(layout, base, config)
         loss, _, _ = SinglePassFunction.apply(x, weight, bias, targets, call, objective, *objective.inputs)
