@@ -68,11 +68,13 @@ class PreferenceObjective:
                 text += f" alpha={cfg.alpha}"
             if cfg.label_smoothing:
                 text += f" label_smoothing={cfg.label_smoothing}"
-        if self.final_logit_softcapping is not None:
-            text += f" softcap={self.final_logit_softcapping}"
-        if self.workspace_bytes != "auto":
-            text += f" workspace_bytes={self.workspace_bytes}"
-        return text
+        return text + head_options_text(self.final_logit_softcapping, self.workspace_bytes)
+
+
+def head_options_text(softcap: float | None, workspace_bytes: int | str) -> str:
+    """The head options a run's description ends with (policy and preference objectives alike)."""
+    text = "" if softcap is None else f" softcap={softcap}"
+    return text if workspace_bytes == "auto" else f"{text} workspace_bytes={workspace_bytes}"
 
 
 def preference_seq_len(tokens: int) -> int | None:

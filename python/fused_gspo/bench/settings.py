@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import PolicyLossConfig
-from .preference_problem import PreferenceObjective
+from .preference_problem import PreferenceObjective, head_options_text
 
 
 @dataclass
@@ -42,8 +42,4 @@ class Settings:
         text += f"epsilon={cfg.epsilon}/{cfg.effective_epsilon_high}"
         if cfg.temperature != 1.0:
             text += f" temperature={cfg.temperature}"
-        if cfg.final_logit_softcapping is not None:
-            text += f" softcap={cfg.final_logit_softcapping}"
-        if cfg.workspace_bytes != "auto":
-            text += f" workspace_bytes={cfg.workspace_bytes}"
-        return text
+        return text + head_options_text(cfg.final_logit_softcapping, cfg.workspace_bytes)
