@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -226,6 +227,27 @@ def test_sequence_trainers_run_without_a_level(tmp_path, monkeypatch, capsys, lo
     _nothing_runs(monkeypatch)
     assert bench.main(["--explain", "--device", "cpu", "--loss-type", loss_type, "--modes", "fwd_bwd"]) == 0
     assert f"loss_type={loss_type} level=token" in capsys.readouterr().out
+
+
+# A named --loss-type is that objective as GRPOConfig sets it up: --loss-type dapo was DAPO at sequence level (a
+# variant TRL warns about, and not what the name promises) until the default level followed the loss type.
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [
+        ([], "sequence"),
+        (["--loss-type", "dapo"], "token"),
+        (["--loss-type", "grpo"], "token"),
+        (["--loss-type", "cispo"], "token"),
+        (["--loss-type", "luspo"], "sequence"),
+        (["--loss-type", "dapo", "--level", "sequence_token"], "sequence_token"),
+    ],
+)
+def test_the_default_level_follows_the_loss_type(monkeypatch, capsys, argv, level):
+    _nothing_runs(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no TRL-style warning about a sum over a sequence-level ratio
+        assert bench.main(["--explain", "--device", "cpu", "--modes", "fwd_bwd", *argv]) == 0
+    assert f"level={level}" in capsys.readouterr().out
 
 
 def test_python_dash_m_runs_the_cli():

@@ -74,6 +74,18 @@ def _workspace(text: str) -> int | str:
     return value
 
 
+def default_level(loss_type: str | None) -> str:
+    """The importance-sampling level a run takes without ``--level``.
+
+    No ``--loss-type`` means the benchmark's headline objective, GSPO (``grpo`` at sequence level). A named loss type
+    means that objective as TRL's ``GRPOConfig`` sets it up, at its default token level: ``--loss-type dapo`` is DAPO,
+    not a sequence-level variant TRL warns about. LUSPO is defined at sequence level.
+    """
+    if loss_type is None or loss_type == "luspo":
+        return "sequence"
+    return "token"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fused-gspo-bench",
@@ -83,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the planner's plan instead and run nothing (policy objectives only).",
         epilog="Defaults: on a GPU the qwen3-8b head (H=4096, V=151936) at 8192 tokens in bf16; on CPU "
         f"{CPU_DEFAULTS['tokens']} tokens, H={CPU_DEFAULTS['hidden']}, V={CPU_DEFAULTS['vocab']}, fp32 (--explain: "
-        "the GPU defaults on a GPU profile). The objective defaults to GSPO (loss_type=grpo, level=sequence; "
-        "gmpo and rloo take no level); "
+        "the GPU defaults on a GPU profile). Without --loss-type the objective is GSPO (loss_type=grpo, "
+        "level=sequence); a named --loss-type takes GRPOConfig's default level, token (luspo: sequence, as its paper "
+        "and TRL pair it); "
         "--objective dpo / cpo take TRL 1.16's DPOConfig / CPOConfig defaults.",
     )
     add_preference_arguments(parser)
@@ -111,11 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shape.add_argument("--sweep-tokens", type=_token_list, help="comma list of token counts to run in turn")
     obj = parser.add_argument_group("objective (policy: --objective policy, the default)")
-    obj.add_argument("--loss-type", choices=LOSS_TYPES, help="default grpo")
+    obj.add_argument("--loss-type", choices=LOSS_TYPES, help="default grpo, at sequence level: GSPO")
     obj.add_argument(
         "--level",
         choices=LEVELS,
-        help="importance_sampling_level (default sequence; token for gmpo and rloo, whose ratios have no level)",
+        help="importance_sampling_level (default: sequence without --loss-type or with luspo, else token as in "
+        "GRPOConfig; gmpo and rloo take token only, their ratios have no level)",
     )
     obj.add_argument(
         "--beta",
@@ -243,12 +257,10 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         config = resolve_preference(args, softcap, parser.error)
     else:
         loss_type = args.loss_type or "grpo"
-        # GSPO's level by default, but GMPO and RLOO have none (their config refuses any other than "token")
-        default_level = "token" if loss_type in ("gmpo", "rloo") else "sequence"
         try:
             config = PolicyLossConfig(
                 loss_type=loss_type,
-                importance_sampling_level=args.level or default_level,
+                importance_sampling_level=args.level or default_level(args.loss_type),
                 beta=0.0 if args.beta is None else args.beta,
                 epsilon=PolicyLossConfig.epsilon if args.epsilon is None else args.epsilon,
                 epsilon_high=args.epsilon_high,
