@@ -135,7 +135,12 @@ def test_autocast_row_runs_every_contender_under_autocast(tmp_path, monkeypatch)
         (["--modes", "backward"], "unknown mode"),
         (["--dtype", "fp8"], "invalid choice"),
         (["--tokens", "64", "--seq-len", "7"], "must divide"),
-        (["--loss-type", "gmpo", "--level", "sequence"], "importance_sampling_level"),
+        (["--loss-type", "gmpo", "--level", "sequence"], "--loss-type, --level: importance_sampling_level"),
+        # the config's errors name the option that set the field; --softcap is checked for every objective (dpo
+        # took a bad one to a traceback)
+        (["--epsilon-high", "-0.5"], "--epsilon-high: epsilon_high must be > 0"),
+        (["--softcap", "0"], "--softcap must be a finite number > 0"),
+        (["--objective", "dpo", "--softcap", "-1"], "--softcap must be a finite number > 0"),
         (["--sweep-tokens", "64,x"], "comma-separated integers"),
         (["--valid-frac", "0"], "--valid-frac"),
         (["--tokens", "0"], "--tokens must be >= 1"),

@@ -67,3 +67,30 @@ def test_the_preference_recipes_build_with_the_flag():
         assert alphapo.simpo_gamma == 0.1 and alphapo.cpo_alpha == 0.0  # TRL turns alphapo into simpo, no NLL term
     finally:
         fused_gspo.unpatch_trl()
+
+
+def test_the_printed_plans_are_what_explain_prints():
+    """Each plan the README prints is explain's own output, line by line ("..." marks lines left out; a trailing
+    " | ..." a line cut short): the reference shape in "The planner", one rank of 8 in "Tensor parallelism" (that
+    section once showed the single-GPU plan)."""
+    import fused_gspo
+
+    text = README.read_text()
+    tp_start = text.index("## Tensor parallelism")
+    tp_end = text.index("\n## ", tp_start + 1)
+    found = []
+    for match in re.finditer(r"```\n(fused_gspo plan \|.*?)```", text, flags=re.S):
+        ranks = 8 if tp_start < match.start() < tp_end else 1
+        found.append(ranks)
+        plan = str(
+            fused_gspo.explain(8192, 4096, 151936, device="h100", loss_type="grpo",
+                               importance_sampling_level="sequence", tensor_parallel=ranks)
+        ).splitlines()  # fmt: skip
+        for line in match.group(1).splitlines():
+            if line == "...":
+                continue
+            if line.endswith(" | ..."):
+                assert any(p.startswith(line[: -len(" | ...")]) for p in plan), line
+            else:
+                assert line in plan, line
+    assert sorted(found) == [1, 8]

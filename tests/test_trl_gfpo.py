@@ -155,7 +155,8 @@ def test_gfpo_config_validation():
 
 
 # num_remains_in_group out of range: none kept, or as many as (or more than) were generated
-@pytest.mark.parametrize("remains,match", [(0, ">= 1"), (4, "smaller than"), (5, "smaller than")])
+# (one kept completion is its group's mean, so every advantage would be 0: nothing to learn)
+@pytest.mark.parametrize("remains,match", [(0, ">= 2"), (1, ">= 2"), (4, "smaller than"), (5, "smaller than")])
 def test_gfpo_config_rejects_num_remains_in_group(remains, match):
     with pytest.raises(ValueError, match=match):
         gfpo_args(num_remains_in_group=remains)
@@ -170,8 +171,11 @@ TRAINER_ERRORS = {
     "grpo_config": (None, {}, TypeError, "GFPOConfig"),
     "filter_without_count": ({"num_remains_in_group": None}, {"group_filter_func": ShortestFilter()}, ValueError,
                              "num_remains_in_group is None"),
-    "uneven_micro_batches": (dict(per_device_train_batch_size=2, steps_per_generation=2, num_remains_in_group=1),
+    "uneven_micro_batches": (dict(per_device_train_batch_size=2, steps_per_generation=2, num_remains_in_group=3),
                              {"group_filter_func": ShortestFilter()}, ValueError, "steps_per_generation"),
+    # GFPO renormalizes the kept completions' summed rewards; TRL's per-function normalization was silently ignored
+    "normalize_then_sum": ({"multi_objective_aggregation": "normalize_then_sum"},
+                           {"group_filter_func": ShortestFilter()}, ValueError, "multi_objective_aggregation"),
 }  # fmt: skip
 
 
@@ -187,6 +191,20 @@ def test_gfpo_trainer_validation(tokenizer, model_path, case):
         args = gfpo_args(**overrides)
     with pytest.raises(error, match=match):
         gfpo_trainer(tokenizer, model_path, args, **kwargs)
+
+
+def test_gfpo_refuses_groups_split_across_processes():
+    """Two processes holding 2 completions each of one group of 4: the filter could keep both of a group's kept
+    completions on one process and leave the other none (the previous check counted 2 // 4 = 0 groups, 0 kept
+    rows, and let it through)."""
+    from fused_gspo.trl.gfpo import check_filter_layout
+
+    args = gfpo_args(per_device_train_batch_size=2, steps_per_generation=2)  # 4 per generation batch, 1 process
+    check_filter_layout(args, num_processes=1)
+    args.generation_batch_size = 4  # as 2 processes x per_device_train_batch_size 2 x steps_per_generation 1
+    args.steps_per_generation = 1
+    with pytest.raises(ValueError, match="not a multiple of num_generations=4"):
+        check_filter_layout(args, num_processes=2)
 
 
 def test_gfpo_rejects_scores_of_the_wrong_shape(tokenizer, model_path):

@@ -7,6 +7,8 @@ import argparse
 import gc
 import importlib.util
 import json
+import math
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -39,6 +41,24 @@ from .problem import (
 )
 from .report import Progress, device_info, format_notes, format_table, library_versions, write_plot
 from .settings import Settings
+
+# PolicyLossConfig's fields -> the options that set them, so that a config error names the option the user typed
+CONFIG_FLAGS = {
+    "loss_type": "--loss-type",
+    "importance_sampling_level": "--level",
+    "beta": "--beta",
+    "epsilon": "--epsilon",
+    "epsilon_high": "--epsilon-high",
+    "temperature": "--temperature",
+    "final_logit_softcapping": "--softcap",
+    "workspace_bytes": "--workspace-bytes",
+}
+
+
+def _config_error(message: str) -> str:
+    """A config's error prefixed with the options whose fields it names (``--softcap: final_logit_softcapping ...``)."""
+    flags = [flag for name, flag in CONFIG_FLAGS.items() if re.search(rf"\b{name}\b", message)]
+    return f"{', '.join(flags)}: {message}" if flags else message
 
 
 def _csv(kind: str, allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -226,6 +246,8 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             parser.error(f"{name} must be >= 1, got {value}")
     if warmup < 0:
         parser.error(f"--warmup must be >= 0, got {warmup}")
+    if args.softcap is not None and not (math.isfinite(args.softcap) and args.softcap > 0):
+        parser.error(f"--softcap must be a finite number > 0, got {args.softcap}")
     if not 0.0 < args.valid_frac <= 1.0:
         parser.error(f"--valid-frac must be in (0, 1], got {args.valid_frac}")
     if args.seq_len is not None:
@@ -269,7 +291,7 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 workspace_bytes=args.workspace_bytes,
             )
         except ValueError as exc:
-            parser.error(str(exc))
+            parser.error(_config_error(str(exc)))
     return Settings(
         device=torch.device("cuda" if on_gpu else "cpu"),
         model=model_name,

@@ -239,6 +239,16 @@ class Liger(Contender):
             return "TRL's accumulation/process normalizers"
         if inputs.advantages.dim() != 1:
             return "per-token advantages"
+        if cfg.loss_type == "luspo" and (cfg.importance_sampling_level == "token" or cfg.beta != 0.0):
+            # Its luspo is an earlier TRL's, (loss * mask.sum(1)).mean() over every [B, T] position, padding
+            # included; TRL 1.16 sums each row's valid tokens, (loss * mask).sum(-1).mean(). They agree only when
+            # the loss is one term per row (sequence level, no KL) or no row is padded.
+            if not bool(inputs.mask.bool().all()):
+                why = "importance_sampling_level='token'" if cfg.beta == 0.0 else f"beta={cfg.beta}"
+                return (
+                    f"loss_type='luspo' with {why} and padded rows (its luspo averages (loss * length) over every "
+                    "[B, T] position, padding included; TRL 1.16 sums each row's valid tokens)"
+                )
         return None
 
     def loss(self, inputs, cfg):

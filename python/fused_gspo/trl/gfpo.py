@@ -28,13 +28,13 @@ class GFPOConfig(GRPOConfig):
     """:class:`trl.GRPOConfig` plus ``num_remains_in_group`` (and ``use_fused_gspo_loss``, always available here).
 
     Args:
-        num_remains_in_group: completions kept per group after filtering; must be smaller than
+        num_remains_in_group: completions kept per group after filtering; at least 2 and smaller than
             ``num_generations``. None keeps every completion (plain GRPO).
     """
 
     num_remains_in_group: int | None = field(
         default=None,
-        metadata={"help": "Completions kept per group by group_filter_func (smaller than num_generations)."},
+        metadata={"help": "Completions kept per group by group_filter_func (>= 2, < num_generations)."},
     )
     use_fused_gspo_loss: bool = field(default=False, metadata={"help": FLAG_HELP})
     fused_gspo_logits_dtype: str = field(default="auto", metadata={"help": LOGITS_HELP})
@@ -47,13 +47,42 @@ class GFPOConfig(GRPOConfig):
             raise ValueError(f"fused_gspo_logits_dtype: {exc}") from None
         if self.num_remains_in_group is None:
             return
-        if self.num_remains_in_group < 1:
-            raise ValueError(f"num_remains_in_group must be >= 1, got {self.num_remains_in_group}")
+        if self.num_remains_in_group < 2:  # one kept completion is its group's mean: every advantage would be 0
+            raise ValueError(
+                f"num_remains_in_group must be >= 2 (a group of one has advantage 0), got {self.num_remains_in_group}"
+            )
         if self.num_remains_in_group >= self.num_generations:
             raise ValueError(
                 f"num_remains_in_group ({self.num_remains_in_group}) must be smaller than num_generations "
                 f"({self.num_generations})"
             )
+
+
+def check_filter_layout(args: GFPOConfig, num_processes: int) -> None:
+    """Refuse, by name, what the filter cannot train on: each process must hold whole groups (a group split across
+    processes could be kept from one process only, leaving the others a different number of rows, or none), keep a
+    number of rows that splits into ``steps_per_generation`` micro-batches, and aggregate the rewards by summing
+    (the kept completions' advantages are normalized from the summed reward)."""
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        raise ValueError(
+            f"multi_objective_aggregation={args.multi_objective_aggregation!r} is not supported with a "
+            "group_filter_func: GFPO normalizes the kept completions' summed rewards ('sum_then_normalize')"
+        )
+    per_process = args.generation_batch_size // num_processes
+    if per_process % args.num_generations:
+        raise ValueError(
+            f"each process holds {per_process} completions per generation batch (per_device_train_batch_size x "
+            f"steps_per_generation), not a multiple of num_generations={args.num_generations}: a group would be "
+            "split across processes, and the filter keeps whole groups on each process; raise "
+            "per_device_train_batch_size or steps_per_generation"
+        )
+    kept = per_process // args.num_generations * args.num_remains_in_group
+    if kept % args.steps_per_generation:
+        raise ValueError(
+            f"after filtering, each process keeps {kept} completions per generation batch, which does not "
+            f"split into steps_per_generation={args.steps_per_generation} equal micro-batches; adjust "
+            "num_remains_in_group, per_device_train_batch_size or steps_per_generation"
+        )
 
 
 class GFPOTrainer(GRPOTrainer):
@@ -75,14 +104,7 @@ class GFPOTrainer(GRPOTrainer):
         if group_filter_func is not None and self.num_remains_in_group is None:
             raise ValueError("group_filter_func is set but num_remains_in_group is None: say how many to keep")
         if group_filter_func is not None:
-            per_process = self.args.generation_batch_size // self.accelerator.num_processes
-            kept = per_process // self.num_generations * self.num_remains_in_group
-            if kept % self.args.steps_per_generation:
-                raise ValueError(
-                    f"after filtering, each process keeps {kept} completions per generation batch, which does not "
-                    f"split into steps_per_generation={self.args.steps_per_generation} equal micro-batches; adjust "
-                    "num_remains_in_group, per_device_train_batch_size or steps_per_generation"
-                )
+            check_filter_layout(self.args, self.accelerator.num_processes)
         self._gfpo_rewards = None
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
