@@ -485,3 +485,25 @@ def test_fused_preference_loss_module_forms_and_reference_pass():
     assert rel_err(out.loss, ref.loss) < 1e-5 and set(out.metrics) == set(ref.metrics)
     with pytest.raises(ValueError, match="bias must be None"):
         fused_gspo.fused_preference_loss(hidden, head, ids, mask, bias=head.bias, **refs)
+
+
+def test_preference_reference_logps_rejects_what_the_loss_rejects():
+    """The reference pass checks its batch as fused_preference_loss does; it returned mispaired values for an odd row
+    count, read a mask of 2s or halves as valid (and LD-DPO's positions from its cumsum), and took any ld_alpha."""
+    g = torch.Generator().manual_seed(8)
+    B, T, H, V = 2, 4, 6, 11
+    hidden = torch.randn(2 * B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    ids = torch.randint(0, V, (2 * B, T), generator=g)
+    mask = torch.ones(2 * B, T, dtype=torch.long)
+    with pytest.raises(ValueError, match="even, non-zero number of rows"):
+        fused_gspo.preference_reference_logps(hidden[:3], weight, ids[:3], mask[:3])
+    for bad in (2 * mask, 0.5 * mask):
+        with pytest.raises(ValueError, match="completion_mask must hold only 0 and 1"):
+            fused_gspo.preference_reference_logps(hidden, weight, ids, bad, ld_alpha=0.5)
+    with pytest.raises(ValueError, match="ld_alpha must be in"):
+        fused_gspo.preference_reference_logps(hidden, weight, ids, mask, ld_alpha=2.0)
+    with pytest.raises(ValueError, match="hidden must be"):
+        fused_gspo.preference_reference_logps(torch.randn(2 * B, T + 1, H), weight, ids, mask)
+    with pytest.raises(ValueError, match="one row per valid token"):
+        fused_gspo.preference_reference_logps(torch.randn(5, H), weight, ids, mask)

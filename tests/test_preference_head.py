@@ -190,7 +190,7 @@ def test_pair_layout_orders_tokens_pair_by_pair():
     assert layout.pair_counts == [4, 4]
     hidden = torch.arange(12.0).view(4, 3, 1)
     packed = hidden[mask]  # row-major valid tokens
-    assert torch.equal(layout.gather(hidden), layout.gather(packed))
+    assert torch.equal(layout.gather(hidden), layout.gather(packed, packed=True))
     values = torch.arange(1.0, 9.0)
     assert torch.equal(layout.scatter(values)[mask], values[torch.argsort(layout.positions)])
 
@@ -202,6 +202,24 @@ def test_packed_hidden_equals_every_position():
     full, full_grads = run(problem, torch.float32, "torch", config)
     packed, packed_grads = run({**problem, "hidden": problem["hidden"][valid]}, torch.float32, "torch", config)
     assert rel_err(packed.loss, full.loss) < 1e-6 and rel_err(packed_grads[0], full_grads[0][valid]) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch"])
+def test_packed_hidden_shaped_like_the_mask(backend):
+    """One valid token per row (n = 2B) and H = T: the packed [n, H] hidden has the mask's shape, and is still read
+    as packed (it was read as [2B, T] positions: a crash)."""
+    B, T = 2, 3
+    problem = draw_pairs(B, T, T, 23, seed=5)
+    mask = torch.zeros(2 * B, T, dtype=torch.long)
+    mask[torch.arange(2 * B), torch.tensor([0, 2, 1, 1])] = 1
+    problem["completion_mask"] = mask
+    valid = mask.bool()
+    config = DPOLossConfig(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3])
+    full, full_grads = run(problem, torch.float64, backend, config)
+    packed_hidden = problem["hidden"][valid]
+    assert packed_hidden.shape == mask.shape
+    packed, packed_grads = run({**problem, "hidden": packed_hidden}, torch.float64, backend, config)
+    assert rel_err(packed.loss, full.loss) < 1e-12 and rel_err(packed_grads[0], full_grads[0][valid]) < 1e-12
 
 
 # a plain head (the linear identity) and a softcapped one (a no-grad chunked pass), against the full logits' mean

@@ -15,7 +15,7 @@ from .parallel.placements import is_vocab_parallel
 from .plan.runtime import plan_call, run_planned
 from .policy import PolicyLossOutput, compute_policy_loss
 from .rows import cu_seqlens_from_position_ids
-from .validation import validate_logprob_inputs, validate_policy_inputs
+from .validation import validate_logprob_inputs, validate_policy_inputs, validate_preference_token_shapes
 
 
 def _resolve_config(config: PolicyLossConfig | None, overrides: dict) -> PolicyLossConfig:
@@ -418,8 +418,19 @@ def preference_reference_logps(
     """``(ref_chosen_logps, ref_rejected_logps)`` ``[B]``: the reference model's sequence log-probs as
     ``DPOTrainer`` reduces them (``ld_alpha``: LD-DPO's shared/tail form), from its hidden states ``[2B, T, H]`` (or
     ``[n, H]``, the valid tokens row-major) and head, by the no-grad fused pass."""
+    from .host_values import read_mask_rows  # noqa: PLC0415
+    from .preference import DPOLossConfig  # noqa: PLC0415
     from .preference.dpo import reference_logps  # noqa: PLC0415
 
+    # the checks fused_preference_loss makes: the rows pair up, a 0/1 mask (LD-DPO counts its positions), one packed
+    # row per valid token, and ld_alpha as DPOLossConfig takes it
+    validate_preference_token_shapes(hidden=hidden, completion_ids=completion_ids, completion_mask=completion_mask)
+    DPOLossConfig(ld_alpha=ld_alpha)
+    row_counts = read_mask_rows("completion_mask", completion_mask)
+    if hidden.dim() == 2 and hidden.shape[0] != sum(row_counts):
+        raise ValueError(
+            f"packed hidden ([n, H]) must hold one row per valid token ({sum(row_counts)}), got {hidden.shape[0]}"
+        )
     valid = completion_mask.bool()
     with torch.no_grad():
         logp = fused_logprobs(

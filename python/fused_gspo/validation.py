@@ -206,16 +206,10 @@ def validate_policy_inputs(
     )  # fmt: skip
 
 
-def validate_preference_inputs(
-    *, hidden, weight, completion_ids, completion_mask, bias, values: bool = True
-) -> BatchCounts | None:
-    """The head and per-token inputs of a preference loss: ``[2B, T]`` ids and mask (an even row count), hidden
-    ``[2B, T, H]`` or ``[n, H]`` (the valid tokens, row-major); with ``values``, a 0/1 mask and ids in range, from one
-    read whose counts are returned. Which rows may be empty depends on the loss
-    (:func:`fused_gspo.preference.batch.check_empty_rows`); the loss's own inputs are checked by
-    :func:`fused_gspo.preference.batch.validate_batch`."""
+def validate_preference_token_shapes(*, hidden, completion_ids, completion_mask) -> None:
+    """The shapes of a preference batch, head aside: ``[2B, T]`` ids and mask (an even, non-zero row count), hidden
+    ``[2B, T, H]`` or ``[n, H]``."""
     _tensor("hidden", hidden, floating=True, ndim=(2, 3))
-    _check_head(hidden, weight, bias)
     _tensor("completion_ids", completion_ids, floating=False, ndim=(2,))
     _tensor("completion_mask", completion_mask, ndim=(2,))
     rows = completion_ids.shape[0]
@@ -232,6 +226,19 @@ def validate_preference_inputs(
         raise ValueError(
             f"hidden must be [2B, T, H] with [2B, T] = {tuple(completion_ids.shape)}, got {tuple(hidden.shape)}"
         )
+
+
+def validate_preference_inputs(
+    *, hidden, weight, completion_ids, completion_mask, bias, values: bool = True
+) -> BatchCounts | None:
+    """The head and per-token inputs of a preference loss: ``[2B, T]`` ids and mask (an even row count), hidden
+    ``[2B, T, H]`` or ``[n, H]`` (the valid tokens, row-major); with ``values``, a 0/1 mask and ids in range, from one
+    read whose counts are returned. Which rows may be empty depends on the loss
+    (:func:`fused_gspo.preference.batch.check_empty_rows`); the loss's own inputs are checked by
+    :func:`fused_gspo.preference.batch.validate_batch`."""
+    _tensor("hidden", hidden, floating=True, ndim=(2, 3))
+    _check_head(hidden, weight, bias)
+    validate_preference_token_shapes(hidden=hidden, completion_ids=completion_ids, completion_mask=completion_mask)
     _same_device(hidden, weight=weight, bias=bias, completion_ids=completion_ids, completion_mask=completion_mask)
     if not values:
         return None

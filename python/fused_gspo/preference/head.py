@@ -80,11 +80,13 @@ class PairLayout:
         B = two_b // 2
         self.pair_counts = [int(row_counts[i] + row_counts[B + i]) for i in range(B)]
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The valid tokens' rows of ``[2B, T, ...]`` (every position) or ``[n, ...]`` (valid tokens, row-major)."""
-        if x.dim() >= 2 and x.shape[:2] == self.valid.shape:
-            return x.reshape(-1, *x.shape[2:])[self.positions]
-        return x[self.packed_index]
+    def gather(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """The valid tokens' rows of ``[2B, T, ...]`` (every position) or, ``packed``, of ``[n, ...]`` (the valid
+        tokens, row-major). Said by the caller, not read from the shape: a packed ``[n, H]`` with ``n = 2B`` and
+        ``H = T`` has the shape of the mask."""
+        if packed:
+            return x[self.packed_index]
+        return x.reshape(-1, *x.shape[2:])[self.positions]
 
     def scatter(self, values: torch.Tensor, fill=0.0) -> torch.Tensor:
         """``[n]`` values (pair order) back to ``[2B, T]``, ``fill`` at masked positions."""
@@ -211,7 +213,7 @@ def compute_preference_loss(
     stats_dtype = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
     valid = completion_mask.bool()
     layout = PairLayout(valid, counts.row_counts)
-    x, targets = layout.gather(hidden), layout.gather(completion_ids).long()
+    x, targets = layout.gather(hidden, packed=hidden.dim() == 2), layout.gather(completion_ids).long()
     dpo = isinstance(config, DPOLossConfig)
     base = PreferenceBatch(
         mask=completion_mask.to(stats_dtype),
