@@ -237,6 +237,19 @@ def test_position_mean_logits(softcap):
     assert rel_err(got, want) < 1e-6
 
 
+def test_eager_cpo_takes_no_workspace():
+    """The eager backend ignores workspace_bytes, CPO's softcapped ``logits/*`` mean included (a budget below one
+    logits row was refused there, while DPO's eager path ran)."""
+    problem = draw_pairs(2, 4, 6, 23, seed=7)
+    config = CPOLossConfig(loss_type="simpo", simpo_gamma=0.1)
+    head = dict(final_logit_softcapping=3.0)
+    eager, eager_grads = run(problem, torch.float64, "eager", config, workspace_bytes=8, **head)
+    torch_, torch_grads = run(problem, torch.float64, "torch", config, **head)
+    for name in ("logits/chosen", "logits/rejected"):
+        assert rel_err(torch.as_tensor(eager.metrics[name]), torch.as_tensor(torch_.metrics[name])) < 1e-12
+    assert rel_err(eager.loss, torch_.loss) < 1e-12 and rel_err(eager_grads[1], torch_grads[1]) < 1e-12
+
+
 def test_bad_inputs_are_refused():
     problem = draw_pairs(2, 4, 6, 23, seed=5)
     with pytest.raises(ValueError, match="even, non-zero number of rows"):

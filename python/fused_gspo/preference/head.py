@@ -227,9 +227,11 @@ def compute_preference_loss(
         if source is None:
             raise ValueError("CPO's logits/* metrics need the hidden states at every position: pass position_hidden")
         ops = tile_ops_for("torch" if backend == "eager" else backend)
+        # the eager backend takes no workspace (as DPO's eager path): its softcapped mean is chunked at the auto budget
+        budget = "auto" if backend == "eager" else workspace_bytes
         base.position_mean_logits = position_mean_logits(source.detach(), weight.detach(),
                                                          None if bias is None else bias.detach(), head, ops,
-                                                         workspace_bytes, logits_dtype)  # fmt: skip
+                                                         budget, logits_dtype)  # fmt: skip
 
     if backend == "eager":  # DPO's metrics read the extra statistics; CPO's do not
         stats = (
