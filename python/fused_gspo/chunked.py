@@ -432,6 +432,17 @@ def single_pass(hidden, weight, bias, targets, call: ChunkedHead, objective: Chu
     return objective.finish(stats), stats, acc
 
 
+def _refuse_double_backward() -> None:
+    """A backward asked for a graph of its own (``create_graph=True``: grad mode is on inside it) is refused: the
+    chunked gradients are formed outside autograd, so a second derivative taken through them would be silently
+    partial (one chunk: through ``dX = G @ W``'s ``W`` only) or fail somewhere unrelated."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "double backward (create_graph=True) through the fused LM head is not supported: its gradients are "
+            "formed outside autograd. Use backend='eager' for higher-order gradients"
+        )
+
+
 class LogProbFunction(torch.autograd.Function):
     """``(logp, entropy, log_sum_sq_probs, mean_logit, is_top1) = f(hidden [N, H], weight [V, H], bias [V] | None,
     targets [N], call)``, ``[N]`` each in the stats dtype (the last three None without ``call.extras``; never
@@ -451,6 +462,7 @@ class LogProbFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, *_):
+        _refuse_double_backward()
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
@@ -488,6 +500,7 @@ class SinglePassFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        _refuse_double_backward()
         if grad_loss is None:
             return (None,) * (6 + ctx.num_inputs)
         if ctx.acc is None:
