@@ -294,6 +294,12 @@ class _GradAccumulators:
         return out
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (None for an inference tensor, which has none and cannot be modified outside
+    inference mode)."""
+    return None if t.is_inference() else t._version
+
+
 class _OneChunk:
     """The one-chunk schedule between its forward and backward: a single pass whose one chunk holds every token keeps
     its staged tile, and the backward forms ``G = dL/dy`` from it with the incoming gradient read on the device,
@@ -311,12 +317,21 @@ class _OneChunk:
         self.weight, self.bias, self.needs = weight, workspace.bias, needs
         self.hidden_dtype = workspace.hidden.dtype
         self.weight_shape = weight.shape if needs[1] else None
+        # the backward reads W and the hidden rows (a view of the caller's tensor when no cast was needed) again, as
+        # autograd's saved tensors would: an in-place change since the forward must fail as it does there, not give
+        # a gradient of other values
+        self.versions = (_version(weight), _version(x))
 
     def results(self, scale: torch.Tensor | None = None) -> list[torch.Tensor | None]:
         """``[dX, dW, db]`` in the inputs' dtypes for an incoming gradient ``scale`` (a device scalar)."""
         if self.tile is None:
             raise RuntimeError("backward ran twice through a fused single pass: retain_graph=True is not supported")
         fmt, weight, bias = self.fmt, self.weight, self.bias
+        if (_version(weight), _version(self.x)) != self.versions:
+            raise RuntimeError(
+                "the LM head's weight or the hidden states were modified by an inplace operation between the fused "
+                "loss's forward and its backward, which reads them again (as autograd's saved tensors would)"
+            )
         scale = None if scale is None else scale.to(device=self.tile.device, dtype=fmt.stats_dtype)
         grads = [g if (g is None or scale is None) else g * scale for g in (self.grad_logp, self.grad_entropy)]
         out: list[torch.Tensor | None] = [None, None, None]
