@@ -217,6 +217,39 @@ def test_tied_embeddings(backend):
     assert rel_err(loss, ref_loss) < 1e-5 and rel_err(grad, ref_grad) < 1e-5
 
 
+# the README's autograd list: checkpoint (both modes), two calls in one loss, .grad accumulation, inference_mode; one
+# chunk (the single pass keeping its tile) and several (2 tokens each), the single pass and the two phases
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("tokens_per_chunk", [None, 2])
+def test_autograd_uses_of_the_loss(backend, tokens_per_chunk):
+    from torch.utils.checkpoint import checkpoint
+
+    problem = draw_problem(3, 5, 6, 17, seed=14, with_bias=True)
+    workspace = "auto" if tokens_per_chunk is None else workspace_for(2, backend, torch.float32, 17, 6)
+    names = ("hidden", "weight", "bias")
+    for cfg in (dict(loss_type="dapo"), dict(loss_type="grpo", top_entropy_quantile=0.5)):
+        ref, ref_grads = run_policy_loss(problem, torch.float64, "eager", **cfg)
+
+        def loss_of(inputs, cfg=cfg, **over):
+            return fused_policy_loss(**{**inputs, **over}, backend=backend, workspace_bytes=workspace, **cfg).loss
+
+        for reentrant in (True, False):
+            inputs = cast_problem(problem, torch.float32)
+            leaves = [inputs[k] for k in names]
+            checkpoint(lambda h, w, b, inputs=inputs: loss_of(inputs, hidden=h, weight=w, bias=b), *leaves,
+                       use_reentrant=reentrant).backward()  # fmt: skip
+            assert all(rel_err(x.grad, r) < 1e-5 for x, r in zip(leaves, ref_grads, strict=True)), reentrant
+        inputs = cast_problem(problem, torch.float32)
+        leaves = [inputs[k] for k in names]
+        for x in leaves:
+            x.grad = torch.ones_like(x)  # accumulated into, as autograd does
+        (loss_of(inputs) + 2.0 * loss_of(inputs)).backward()
+        assert all(rel_err(x.grad - 1, 3 * r) < 1e-5 for x, r in zip(leaves, ref_grads, strict=True))
+        with torch.inference_mode():
+            loss = loss_of(cast_problem(problem, torch.float32, requires_grad=False))
+        assert not loss.requires_grad and rel_err(loss, ref.loss) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # fused_logprobs and the module
 

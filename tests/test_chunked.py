@@ -231,3 +231,56 @@ def test_recomputing_backward_reenters_the_weight_gather():
     (logp.sum() + entropy.sum()).backward()
     assert events == [("enter", (7, 3)), ("exit", (7, 3))]
     assert hidden.grad is not None and weight.grad is not None
+
+
+# create_graph=True through either Function, one chunk and several: a clear refusal, never a partial second derivative
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo_entropy_quantile"])
+@pytest.mark.parametrize("workspace_bytes", ["auto", 4 * 17 * 4 * 2])
+def test_double_backward_is_refused(loss_type, workspace_bytes):
+    """The single pass (dapo) and the two phases (a global entropy quantile) both refuse a backward that builds a
+    graph: the one-chunk single pass used to hand back a second derivative through ``dX = G @ W``'s ``W`` alone
+    (0.3765 where the true one differs), and the others failed inside an ``out=`` GEMM."""
+    from fused_gspo import fused_logprobs, fused_policy_loss
+
+    problem = draw_problem(2, 5, 6, 17, seed=12)
+    cfg = dict(loss_type="dapo") if loss_type == "dapo" else dict(loss_type="grpo", top_entropy_quantile=0.5)
+    h = problem["hidden"].float().requires_grad_()
+    w = problem["weight"].float().requires_grad_()
+    inputs = {**problem, "hidden": h, "weight": w}
+    out = fused_policy_loss(**inputs, backend="torch", workspace_bytes=workspace_bytes, **cfg)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.loss, [h], create_graph=True)
+    logp = fused_logprobs(h, w, problem["completion_ids"], backend="torch", workspace_bytes=workspace_bytes)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(logp.sum(), [h], create_graph=True)
+    # a plain backward afterwards is unaffected
+    (grad,) = torch.autograd.grad(fused_policy_loss(**inputs, backend="torch", **cfg).loss, [h])
+    (ref,) = torch.autograd.grad(fused_policy_loss(**inputs, backend="eager", **cfg).loss, [h])
+    assert rel_err(grad, ref) < 1e-5
+
+
+# the one-chunk single pass reads W and the hidden rows again in its backward, as autograd's saved tensors are read
+@pytest.mark.parametrize("modified", ["weight", "hidden"])
+def test_one_chunk_backward_refuses_inputs_modified_in_place(modified):
+    """An in-place change of the weight (or of packed hidden states, which the chunk uses without a copy) between
+    forward and backward raised in the eager and two-phase paths but silently gave the gradient of the new values
+    here (twice the true dX after ``weight.mul_(2)``)."""
+    from fused_gspo import fused_policy_loss
+
+    problem = draw_problem(2, 5, 6, 17, seed=13)
+    valid = problem["completion_mask"].bool()
+    h = problem["hidden"][valid].float().requires_grad_()
+    w = problem["weight"].float().requires_grad_()
+    inputs = {**problem, "hidden": h, "weight": w}
+    out = fused_policy_loss(**inputs, backend="torch", loss_type="dapo")
+    with torch.no_grad():
+        (w if modified == "weight" else h).mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
+    # inference tensors have no version counter: a frozen head made under inference_mode still trains the hidden
+    with torch.inference_mode():
+        frozen = problem["weight"].float()
+    out = fused_policy_loss(**{**inputs, "weight": frozen}, backend="torch", loss_type="dapo")
+    (grad,) = torch.autograd.grad(out.loss, [h])
+    ref = fused_policy_loss(**{**inputs, "weight": frozen.clone()}, backend="eager", loss_type="dapo")
+    assert rel_err(grad, torch.autograd.grad(ref.loss, [h])[0]) < 1e-5

@@ -122,6 +122,30 @@ def test_sequence_coupling_follows_row_lengths():
     assert long.strategy == "two_phase"
 
 
+# on-policy with the sampler's log-probs, an off-policy mask reads each whole sequence: explain must plan what runs
+def test_explain_plans_what_an_on_policy_call_with_sampling_logps_runs(monkeypatch):
+    from conftest import cast_problem, draw_problem, workspace_for
+
+    import fused_gspo.chunked as chunked
+
+    ran = []
+    for name in ("LogProbFunction", "SinglePassFunction"):
+        cls = getattr(chunked, name)
+        apply = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, _n=name, _f=apply: (ran.append((_n, a[4].bounds)), _f(*a))[1])
+    problem = draw_problem(3, 6, 16, 50, seed=2, off_policy=False, with_sampling=True)
+    budget = workspace_for(2, "torch", torch.float32, 50, 16)  # 2 tokens per chunk: shorter than every row
+    cfg = dict(loss_type="dapo", off_policy_mask_threshold=0.3)
+    fused_gspo.fused_policy_loss(**cast_problem(problem, torch.float32), backend="torch", workspace_bytes=budget, **cfg)
+    rows = problem["completion_mask"].sum(1).tolist()
+    plan = fused_gspo.explain(sum(rows), 16, 50, dtype=torch.float32, device="cpu", workspace_bytes=budget,
+                              row_lengths=rows, on_policy=True, sampling_logps=True, **cfg)  # fmt: skip
+    assert plan.coupling == "sequence"  # was "token": a single pass explained, two phases run
+    name, bounds = ran[0]
+    strategy = "single_pass" if name == "SinglePassFunction" else "two_phase"
+    assert (plan.strategy, plan.num_chunks) == (strategy, len(bounds)) == ("two_phase", 7)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="tokens"):
         fused_gspo.explain(-1, 8, 8)

@@ -93,3 +93,20 @@ def test_packed_shapes_with_position_ids(change, match):
     cfg = {k: change.pop(k) for k in list(change) if k in ("loss_type", "epsilon")}
     with pytest.raises((TypeError, ValueError), match=match):
         validate_policy_inputs(config.replace(**cfg), **{**inputs, **change}, values=False)
+
+
+# outside torch.compile position_ids become cu_seqlens at once: they are checked first, so the error names them
+@pytest.mark.parametrize(
+    "position_ids,error,match",
+    [
+        (torch.tensor([0, 1, 0, 1, 2]), ValueError, r"position_ids must have shape \(6,\)"),  # named cu_seqlens
+        (torch.tensor([0.0, 1, 0, 1, 2, 0]), TypeError, "position_ids must be an integer tensor"),  # accepted
+        ([0, 1, 0, 1, 2, 0], TypeError, "position_ids must be a torch.Tensor"),  # an AttributeError
+    ],
+)
+def test_position_ids_are_checked_before_use(position_ids, error, match):
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(6, 4, generator=g), torch.randn(7, 4, generator=g)
+    ids, advantages = torch.randint(0, 7, (6,), generator=g), torch.randn(3, generator=g)
+    with pytest.raises(error, match=match):
+        fused_policy_loss(hidden, weight, ids, advantages, torch.ones(6), position_ids=position_ids, backend="torch")

@@ -15,7 +15,12 @@ from .parallel.placements import is_vocab_parallel
 from .plan.runtime import plan_call, run_planned
 from .policy import PolicyLossOutput, compute_policy_loss
 from .rows import cu_seqlens_from_position_ids
-from .validation import validate_logprob_inputs, validate_policy_inputs, validate_preference_token_shapes
+from .validation import (
+    validate_logprob_inputs,
+    validate_policy_inputs,
+    validate_position_ids,
+    validate_preference_token_shapes,
+)
 
 
 def _resolve_config(config: PolicyLossConfig | None, overrides: dict) -> PolicyLossConfig:
@@ -117,6 +122,7 @@ def fused_policy_loss(
         if cu_seqlens is not None:
             raise ValueError("give cu_seqlens or position_ids, not both")
         if not torch.compiler.is_compiling():  # compiled, the operator finds the sequences (data: no guard on them)
+            validate_position_ids(position_ids, completion_ids)
             cu_seqlens, position_ids = cu_seqlens_from_position_ids(position_ids), None
     config = _resolve_config(config, config_overrides)
     # every optional tensor, handed on as one set to whichever path runs

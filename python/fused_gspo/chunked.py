@@ -294,6 +294,12 @@ class _GradAccumulators:
         return out
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (None for an inference tensor, which has none and cannot be modified outside
+    inference mode)."""
+    return None if t.is_inference() else t._version
+
+
 class _OneChunk:
     """The one-chunk schedule between its forward and backward: a single pass whose one chunk holds every token keeps
     its staged tile, and the backward forms ``G = dL/dy`` from it with the incoming gradient read on the device,
@@ -311,12 +317,21 @@ class _OneChunk:
         self.weight, self.bias, self.needs = weight, workspace.bias, needs
         self.hidden_dtype = workspace.hidden.dtype
         self.weight_shape = weight.shape if needs[1] else None
+        # the backward reads W and the hidden rows (a view of the caller's tensor when no cast was needed) again, as
+        # autograd's saved tensors would: an in-place change since the forward must fail as it does there, not give
+        # a gradient of other values
+        self.versions = (_version(weight), _version(x))
 
     def results(self, scale: torch.Tensor | None = None) -> list[torch.Tensor | None]:
         """``[dX, dW, db]`` in the inputs' dtypes for an incoming gradient ``scale`` (a device scalar)."""
         if self.tile is None:
             raise RuntimeError("backward ran twice through a fused single pass: retain_graph=True is not supported")
         fmt, weight, bias = self.fmt, self.weight, self.bias
+        if (_version(weight), _version(self.x)) != self.versions:
+            raise RuntimeError(
+                "the LM head's weight or the hidden states were modified by an inplace operation between the fused "
+                "loss's forward and its backward, which reads them again (as autograd's saved tensors would)"
+            )
         scale = None if scale is None else scale.to(device=self.tile.device, dtype=fmt.stats_dtype)
         grads = [g if (g is None or scale is None) else g * scale for g in (self.grad_logp, self.grad_entropy)]
         out: list[torch.Tensor | None] = [None, None, None]
@@ -432,6 +447,17 @@ def single_pass(hidden, weight, bias, targets, call: ChunkedHead, objective: Chu
     return objective.finish(stats), stats, acc
 
 
+def _refuse_double_backward() -> None:
+    """A backward asked for a graph of its own (``create_graph=True``: grad mode is on inside it) is refused: the
+    chunked gradients are formed outside autograd, so a second derivative taken through them would be silently
+    partial (one chunk: through ``dX = G @ W``'s ``W`` only) or fail somewhere unrelated."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "double backward (create_graph=True) through the fused LM head is not supported: its gradients are "
+            "formed outside autograd. Use backend='eager' for higher-order gradients"
+        )
+
+
 class LogProbFunction(torch.autograd.Function):
     """``(logp, entropy, log_sum_sq_probs, mean_logit, is_top1) = f(hidden [N, H], weight [V, H], bias [V] | None,
     targets [N], call)``, ``[N]`` each in the stats dtype (the last three None without ``call.extras``; never
@@ -451,6 +477,7 @@ class LogProbFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, *_):
+        _refuse_double_backward()
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
@@ -488,6 +515,7 @@ class SinglePassFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        _refuse_double_backward()
         if grad_loss is None:
             return (None,) * (6 + ctx.num_inputs)
         if ctx.acc is None:

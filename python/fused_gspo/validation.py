@@ -78,6 +78,16 @@ def validate_logprob_inputs(*, hidden, weight, targets, bias, values: bool = Tru
         read_ids("targets", targets, vocab_size(weight))
 
 
+def validate_position_ids(position_ids, completion_ids) -> None:
+    """``position_ids``: a 1-D integer tensor shaped like the packed ``completion_ids`` (checked before the sequences
+    are read from it, so that an error names it rather than the ``cu_seqlens`` made from it)."""
+    _tensor("position_ids", position_ids, floating=False, ndim=(1,))
+    _tensor("completion_ids", completion_ids, floating=False, ndim=(1,))
+    tokens = tuple(completion_ids.shape)
+    if tuple(position_ids.shape) != tokens:
+        raise ValueError(f"position_ids must have shape {tokens} like completion_ids, got {tuple(position_ids.shape)}")
+
+
 def validate_policy_inputs(
     config: PolicyLossConfig,
     *,
@@ -108,13 +118,8 @@ def validate_policy_inputs(
     _tensor("completion_ids", completion_ids, floating=False, ndim=token_dims)
     _tensor("completion_mask", completion_mask, ndim=token_dims)
     if packed and position_ids is not None:
-        _tensor("position_ids", position_ids, floating=False, ndim=(1,))
-        tokens = tuple(completion_ids.shape)
-        if tuple(position_ids.shape) != tokens:
-            raise ValueError(
-                f"position_ids must have shape {tokens} like completion_ids, got {tuple(position_ids.shape)}"
-            )
-        row_shape, per_token = None, tokens  # [S], S unknown here
+        validate_position_ids(position_ids, completion_ids)
+        row_shape, per_token = None, tuple(completion_ids.shape)  # [S], S unknown here
     elif packed:
         _tensor("cu_seqlens", cu_seqlens, floating=False, ndim=(1,))
         tokens = tuple(completion_ids.shape)

@@ -161,6 +161,7 @@ def explain(
     mode: str = "fwd_bwd",
     backend: str = "auto",
     on_policy: bool = False,
+    sampling_logps: bool = False,
     bias: bool = False,
     autocast: torch.dtype | None = None,
     tensor_parallel: int = 1,
@@ -173,10 +174,12 @@ def explain(
     ``config`` / ``config_overrides``: the objective (a :class:`fused_gspo.PolicyLossConfig` and/or its fields).
     ``row_lengths``: valid tokens per sequence (an int for equal rows; default 512), which bound the chunks when the
     gradient is sequence-coupled. ``on_policy``: whether ``old_logps`` is None (on-policy makes most objectives
-    token-coupled). ``mode``: ``"fwd_bwd"``, ``"fwd"`` or ``"logprobs"`` (the no-grad pass). ``backend``: ``"auto"``
-    (triton on a GPU profile, torch on ``"cpu"``), ``"torch"`` or ``"triton"``. ``autocast``: the dtype of a
-    ``torch.autocast`` region the call runs in (``dtype`` is then the inputs', e.g. fp32 master weights): the GEMMs
-    and the staging follow it, as in a real call. The config's ``logits_dtype`` picks the staging.
+    token-coupled). ``sampling_logps``: whether the sampler's log-probs are given (an off-policy mask then reads them,
+    which couples each sequence even on-policy). ``mode``: ``"fwd_bwd"``, ``"fwd"`` or ``"logprobs"`` (the no-grad
+    pass). ``backend``: ``"auto"`` (triton on a GPU profile, torch on ``"cpu"``), ``"torch"`` or ``"triton"``.
+    ``autocast``: the dtype of a ``torch.autocast`` region the call runs in (``dtype`` is then the inputs', e.g. fp32
+    master weights): the GEMMs and the staging follow it, as in a real call. The config's ``logits_dtype`` picks the
+    staging.
     ``tensor_parallel``: the vocabulary split over this many ranks (:mod:`fused_gspo.parallel`): the plan of one
     rank, on its shard of ``ceil(V / k)`` rows, with the statistics exchange per chunk and the ``dX`` sum on the
     profile's link (``sequence_parallel``: the hidden states arrive sharded over the sequence, gathered before the
@@ -215,7 +218,9 @@ def explain(
         output_dtype=dtype, tensor_parallel=tensor_parallel,
         sequence_parallel=bool(sequence_parallel) and tensor_parallel > 1,
     )  # fmt: skip
-    coupling = "global" if mode == "logprobs" else coupling_of(cfg, on_policy=on_policy)
+    coupling = (
+        "global" if mode == "logprobs" else coupling_of(cfg, on_policy=on_policy, has_sampling_logps=sampling_logps)
+    )
     counts = _row_counts(tokens, row_lengths)
     auto = workspace_bytes == "auto"
     if auto:
