@@ -180,3 +180,12 @@ def test_logprobs_and_preference_calls_read_the_device_once(monkeypatch):
         )  # fmt: skip
         out.loss.backward()
     assert reads == ["tolist", "tolist"], reads
+
+
+@pytest.mark.gpu
+def test_a_num_items_tensor_on_the_cpu_beside_cuda_inputs():
+    """TRL hands num_items_in_batch on the inputs' device, a custom loop may hand a CPU scalar: both are read."""
+    problem = {k: v.to("cuda") for k, v in draw_problem(3, 5, 8, 23, seed=1).items()}
+    on_cpu = fused_gspo.fused_policy_loss(**problem, num_items_in_batch=torch.tensor(11.0), loss_type="dapo")
+    as_float = fused_gspo.fused_policy_loss(**problem, num_items_in_batch=11.0, loss_type="dapo")
+    assert torch.equal(on_cpu.loss, as_float.loss)

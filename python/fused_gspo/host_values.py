@@ -25,7 +25,8 @@ def read_together(*parts: torch.Tensor) -> list[list[float]]:
         return []
     device = parts[0].device
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    values = torch.cat([p.detach().reshape(-1).to(dtype) for p in parts]).tolist()
+    # a part on another device (a CPU num_items_in_batch beside CUDA inputs) joins the first's: still one transfer
+    values = torch.cat([p.detach().reshape(-1).to(device, dtype) for p in parts]).tolist()
     out, start = [], 0
     for p in parts:
         out.append(values[start : start + p.numel()])
