@@ -163,6 +163,27 @@ def test_gmpo_trainer_flag_on_matches_flag_off(tokenizer, model_path, fused_call
     assert_same_training(off, on)
 
 
+# GRPO options GMPOTrainer inherits but its loss ignores: with the flag on the trainer refuses them by name (README)
+@pytest.mark.parametrize(
+    "option",
+    [{"delta": 1.5}, {"off_policy_mask_threshold": 0.1}, {"entropy_coef": 0.1}, {"use_adaptive_entropy": True},
+     {"importance_sampling_level": "sequence"}],
+)  # fmt: skip
+def test_gmpo_trainer_refuses_options_its_loss_ignores(tokenizer, model_path, option):
+    from trl.experimental.gmpo import GMPOConfig, GMPOTrainer
+
+    def build(flag):
+        args = GMPOConfig(output_dir="/tmp/fused-gspo-gmpo", use_cpu=True, report_to=[], use_fused_gspo_loss=flag,
+                          per_device_train_batch_size=4, num_generations=4, **option)  # fmt: skip
+        return GMPOTrainer(model=model_path, reward_funcs=even_words_reward, args=args,
+                           train_dataset=prompts_dataset(), processing_class=tokenizer)  # fmt: skip
+
+    build(False)  # TRL's GMPO trains without it
+    name = "entropy_coef" if "adaptive" in next(iter(option)) else next(iter(option))
+    with pytest.raises(ValueError, match=rf"{name}.*gmpo"):
+        build(True)
+
+
 def test_rloo_trainer_flag_on_matches_flag_off(tokenizer, model_path, fused_calls):
     kwargs = dict(steps_per_generation=2, gradient_accumulation_steps=1, beta=0.05)
     off = train(trl.RLOOTrainer, trl.RLOOConfig, tokenizer, model_path, flag=False, **kwargs)

@@ -150,8 +150,18 @@ def policy_config_for(trainer, mode: str = "train", entropy_coef: float = 0.0) -
         if isinstance(trainer, RLOOTrainer):
             return PolicyLossConfig(loss_type="rloo", **common)
         if isinstance(trainer, GMPOTrainer):
+            # GMPOTrainer inherits GRPO's delta, off-policy mask, entropy bonus and importance-sampling level but its
+            # loss applies none of them: handed over so that the config refuses them (a GMPO run does not silently
+            # train without what it asked for)
             return PolicyLossConfig(
-                loss_type="gmpo", beta=trainer.beta, top_entropy_quantile=trainer.top_entropy_quantile, **common
+                loss_type="gmpo",
+                beta=trainer.beta,
+                top_entropy_quantile=trainer.top_entropy_quantile,
+                delta=args.delta,
+                off_policy_mask_threshold=trainer.off_policy_mask_threshold,
+                importance_sampling_level=trainer.importance_sampling_level,
+                entropy_coef=entropy_coef,
+                **common,
             )
         return PolicyLossConfig(
             loss_type=trainer.loss_type,
@@ -356,8 +366,12 @@ def _fused_logps_when_flagged(original):
 
 
 def _validate_policy_trainer(trainer) -> None:
+    # the entropy bonus as configured (1.0 where adaptive control starts it at 0), so that a refusal names its value
+    entropy_coef = (
+        (trainer.__dict__.get("entropy_coef") or 1.0) if trainer.__dict__.get("_entropy_bonus_enabled") else 0.0
+    )
     try:
-        policy_config_for(trainer, "train", 1.0 if trainer.__dict__.get("_entropy_bonus_enabled") else 0.0)
+        policy_config_for(trainer, "train", entropy_coef)
     except ValueError as exc:
         raise ValueError(f"use_fused_gspo_loss=True cannot reproduce this trainer's loss: {exc}") from exc
     agree_on_seed(trainer)  # a tensor-parallel model: the ranks of a group sample alike (.tensor_parallel)
