@@ -69,6 +69,36 @@ def test_out_of_memory_that_no_smaller_plan_helps_is_raised(scarce_memory):
         run_policy_loss(problem, torch.float64, "torch", loss_type="dapo", workspace_bytes=8 * _row())
 
 
+def test_a_vocabulary_parallel_call_raises_out_of_memory_instead_of_planning_again_alone(scarce_memory):
+    """One rank re-planning on its own free memory would cut other chunks than the ranks it exchanges statistics
+    with: mismatched collectives (a hang, or statistics of other tokens). Under an active shard the error is raised."""
+    from fused_gspo.parallel import VocabShard, running_on
+
+    scarce_memory.update(free=4 * 6 * _row())  # a quarter of it holds 6 tokens per chunk
+    hidden, weight = torch.randn(12, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+
+    def plan_for(budget):
+        return runtime.plan_call(hidden, weight, None, fused_gspo.head.TorchTileOps, workspace_bytes=budget,
+                                 coupling="token", row_counts=None, mode="fwd_bwd")  # fmt: skip
+
+    attempts = []
+
+    def run(plan):
+        attempts.append(plan)
+        if len(attempts) == 1:
+            raise torch.OutOfMemoryError("stand-in: the first plan")
+        return "ran again"
+
+    with pytest.warns(RuntimeWarning, match="planned again"):  # one process: planned again
+        assert runtime.run_planned(run, plan_for(12 * _row()), plan_for, "cpu") == "ran again"
+    assert len(attempts) == 2 and attempts[1].num_chunks > attempts[0].num_chunks
+    attempts.clear()
+    with running_on(VocabShard(group=None, rank=0, size=2, starts=(0, 15, V))):
+        with pytest.raises(torch.OutOfMemoryError, match="the first plan"):
+            runtime.run_planned(run, plan_for(12 * _row()), plan_for, "cpu")
+    assert len(attempts) == 1
+
+
 def test_fused_logprobs_and_preference_losses_plan_again_too(scarce_memory):
     g = torch.Generator().manual_seed(4)
     hidden, weight = torch.randn(10, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g).double()

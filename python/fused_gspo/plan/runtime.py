@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import torch
 
+from ..parallel.context import active_shard
 from ..precision import compute_dtype as resolve_compute_dtype
 from ..precision import staging_dtype, stats_dtype_for
 from .cost import ChunkFormat, Problem
@@ -178,12 +179,17 @@ def run_planned(run: Callable[[ChunkPlan], T], plan: ChunkPlan, replan: Callable
     """``run(plan)``; if the chosen chunks do not fit after all (a fragmented allocator, or a budget larger than
     what is free) and the device runs out of memory, plan once more within the memory free then
     (:data:`~fused_gspo.plan.planner.AUTO_FREE_FRACTION` of it, as ``"auto"`` would), warn once per process, and
-    run that plan. The step is not lost; a second failure, or no smaller plan, raises the original error."""
+    run that plan. The step is not lost; a second failure, or no smaller plan, raises the original error.
+    Not in a vocabulary-parallel call: the error is raised there (see below)."""
     try:
         return run(plan)
     except torch.OutOfMemoryError as exc:
         exc.__traceback__ = None  # the failed attempt's frames (and their tensors) go with it
         error = exc
+    if active_shard() is not None:
+        # every chunk exchanges statistics with the other ranks: this rank alone starting over on other chunks (from
+        # its own free memory) would pair its collectives with the others' wrong ones
+        raise error
     free = free_device_bytes(torch.device(device))
     budget = None if free is None else int(AUTO_FREE_FRACTION * free)
     if budget is None or budget >= plan.workspace_bytes:
