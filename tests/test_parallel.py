@@ -74,7 +74,9 @@ def test_two_ranks(tmp_path):
     refused = names(reports["refusals"][0])
     for what in ("weight Shard(1)", "weight Replicate()", "plain bias with a sharded weight", "bias Replicate()",
                  "hidden sharded on its hidden dimension", "a DTensor advantages", "backend='eager'",
-                 "ranks holding different tokens", "ranks holding different shapes"):  # fmt: skip
+                 "ranks holding different tokens", "ranks holding different shapes",
+                 "advantages of another shape on one rank", "ref_logps missing on one rank",
+                 "hidden of another dtype on one rank", "hidden wanting a gradient on one rank only"):  # fmt: skip
         assert f"refused: {what}" in refused, what
 
 

@@ -390,6 +390,18 @@ def part_refusals(mesh) -> None:
            lambda: loss(h=other_hidden, completion_ids=problem["completion_ids"][:, : 4 - RANK % 2],
                         completion_mask=problem["completion_mask"][:, : 4 - RANK % 2],
                         old_logps=problem["old_logps"][:, : 4 - RANK % 2]))  # fmt: skip
+    # an argument one rank alone would refuse (another shape, a missing input, another dtype): refused on every rank
+    # in the handshake, not by that rank's checks while the others wait in the call's first all-gather
+    odd = RANK == WORLD - 1
+    longer = torch.cat([problem["advantages"], problem["advantages"][:1]])
+    expect("advantages of another shape on one rank", ReplicaMismatchError, ["advantages", "shapes"],
+           lambda: loss(advantages=longer if odd else problem["advantages"]))  # fmt: skip
+    expect("ref_logps missing on one rank", ReplicaMismatchError, ["ref_logps", "None"],
+           lambda: loss(beta=0.1, ref_logps=None if odd else problem["old_logps"]))  # fmt: skip
+    expect("hidden of another dtype on one rank", ReplicaMismatchError, ["hidden", "dtypes"],
+           lambda: loss(h=hidden.float() if odd else hidden))  # fmt: skip
+    expect("hidden wanting a gradient on one rank only", ReplicaMismatchError, ["hidden", "requires_grad"],
+           lambda: loss(h=hidden.detach().requires_grad_(not odd)))  # fmt: skip
     if WORLD == 4:
         mesh_2d = init_device_mesh("cpu", (2, 2))
         expect("a 2-D mesh", UnsupportedPlacementError, ["1-D mesh"],

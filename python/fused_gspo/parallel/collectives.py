@@ -1,9 +1,10 @@
 """The collectives of a vocabulary-parallel call, each one named for what it carries.
 
 Per call, before any chunk: :func:`handshake`, one all-gather of a few int64 per rank (each rank's shard size, its
-free device memory, a fingerprint of the tokens it was given), read on the host once: it gives the shards' offsets,
-makes every rank plan alike, and refuses ranks that were handed different tokens (a data-parallel shard taken for a
-tensor-parallel one, or TRL's per-rank sampling seeds) before they could silently mix.
+free device memory, a fingerprint of the tokens it was given and of every tensor argument's shape and dtype), read on
+the host once: it gives the shards' offsets, makes every rank plan alike, and refuses ranks that were handed different
+tokens (a data-parallel shard taken for a tensor-parallel one, or TRL's per-rank sampling seeds) before they could
+silently mix, or arguments one rank alone would refuse (which would leave the others waiting in a collective).
 
 Per chunk: :func:`gather_partials`, one all-gather of the per-token partial statistics (3 floats per token and rank;
 7 with the preference losses' extras) in the statistics dtype (fp32; fp64 for fp64 inputs). Per backward:

@@ -3,13 +3,15 @@
 :func:`run` checks the layouts (:mod:`.placements`), takes the local shards (``to_local``, so that autograd hands the
 weight's gradient back as a ``Shard(0)`` DTensor), agrees with the other ranks in one handshake
 (:func:`.collectives.handshake`: the shards' offsets, the free memory every rank plans with, and a check that every
-rank holds the same tokens), then runs the public function itself on the local tensors with the
-:class:`.context.VocabShard` active. The public functions call it first thing (:mod:`fused_gspo.api`).
+rank holds the same tokens and arguments of the same shapes and dtypes), then runs the public function itself on
+the local tensors with the :class:`.context.VocabShard` active. The public functions call it first thing
+(:mod:`fused_gspo.api`).
 """
 
 from __future__ import annotations
 
 import itertools
+import zlib
 from collections.abc import Callable, Mapping
 
 import torch
@@ -76,35 +78,49 @@ def run(
     extras = {name: None if h is None else local_hidden(name, h, mesh)[0] for name, h in (extra_hidden or {}).items()}
     local_weight = weight.to_local()
     local_bias = None if bias is None else bias.to_local()
-    shard = _agree(mesh, local_weight, weight.shape[0], x, tokens, reduce)
+    # every tensor argument's layout is agreed on, so that a check one rank alone fails (another shape, a missing
+    # input) fails on every rank here, not on one rank while the others wait in a collective of the call
+    layouts = {"hidden": x, **extras, **tokens, **{k: v for k, v in (others or {}).items() if _is_tensor_or_none(v)}}
+    shard = _agree(mesh, local_weight, weight.shape[0], x.device, layouts, tokens, reduce)
     with running_on(shard):
         return fn(x, local_weight, local_bias, **extras)
 
 
-def _agree(mesh, local_weight, vocab: int, hidden: torch.Tensor, tokens, reduce: bool) -> VocabShard:
-    """The handshake: every rank's shard size, free memory (MiB, -1 off CUDA), and fingerprints of the hidden
-    states' shape and of each token tensor; refuses ranks that disagree."""
-    device = hidden.device
+def _is_tensor_or_none(value) -> bool:
+    return value is None or isinstance(value, torch.Tensor)
+
+
+def _layout_fingerprint(t: torch.Tensor | None) -> torch.Tensor:
+    """A fingerprint of a tensor argument's shape, dtype and ``requires_grad`` (None: its own value), on the host."""
+    if t is None:
+        return fingerprint(torch.tensor([-1]))
+    dtype = zlib.crc32(str(t.dtype).encode())  # not hash(): Python's string hashes differ between processes
+    return fingerprint(torch.tensor([t.dim(), *t.shape, dtype, int(t.requires_grad)], dtype=torch.long))
+
+
+def _agree(mesh, local_weight, vocab: int, device: torch.device, layouts, tokens, reduce: bool) -> VocabShard:
+    """The handshake: every rank's shard size, free memory (MiB, -1 off CUDA), fingerprints of every tensor
+    argument's layout (``layouts``) and of each token tensor's values; refuses ranks that disagree."""
     free = free_device_bytes(device)
-    named = {"hidden's shape": torch.tensor(hidden.shape, dtype=torch.long)}
-    named.update((name, t) for name, t in tokens.items() if t is not None)
-    # the tensors' shapes first: a rank with other shapes must fail here, not in a later collective
-    shapes = [fingerprint(torch.tensor(t.shape, dtype=torch.long)) for t in named.values()]
-    values = [local_weight.shape[0], -1 if free is None else int(free) // _MIB, *shapes]
+    values = [local_weight.shape[0], -1 if free is None else int(free) // _MIB]
+    # the layouts first: a rank with other shapes or inputs must fail here, not in a later collective
+    values += [_layout_fingerprint(t) for t in layouts.values()]
+    named = {name: t for name, t in tokens.items() if t is not None}
     values += [fingerprint(t.to(device)) for t in named.values()]
     table = handshake(mesh.get_group(), mesh.size(), values, device)
     rows = [row[0] for row in table]
     starts = tuple(itertools.accumulate(rows, initial=0))
     if starts[-1] != vocab:
         raise ReplicaMismatchError(f"weight: the shards' rows {rows} do not add up to the vocabulary {vocab}")
-    names = list(named)
-    for column, label in enumerate([f"{n} (shape)" for n in names] + names, start=2):
+    labels = [f"{n}: the ranks of the vocabulary-parallel mesh hold tensors of different shapes, dtypes or "
+              "requires_grad (or None on some ranks)" for n in layouts]  # fmt: skip
+    labels += [f"{n}: the ranks of the vocabulary-parallel mesh hold different values" for n in named]
+    for column, label in enumerate(labels, start=2):
         if len({row[column] for row in table}) > 1:
             raise ReplicaMismatchError(
-                f"{label}: the ranks of the vocabulary-parallel mesh hold different values; every tensor but the "
-                "head's shards must be the same on every rank (a tensor-parallel group samples the same "
-                "completions). If weight is FSDP2's sharded parameter (data parallelism), pass the LM-head module "
-                "itself instead"
+                f"{label}; every tensor but the head's shards must be the same on every rank (a tensor-parallel "
+                "group samples the same completions). If weight is FSDP2's sharded parameter (data parallelism), "
+                "pass the LM-head module itself instead"
             )
     frees = [row[1] for row in table]
     free_bytes = float(min(frees) * _MIB) if min(frees) >= 0 else None

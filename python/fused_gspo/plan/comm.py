@@ -20,7 +20,7 @@ from __future__ import annotations
 
 STATISTICS_FLOATS = 3
 EXTRA_STATISTICS_FLOATS = 7
-HANDSHAKE_INTS = 8
+HANDSHAKE_INTS = 16  # about: 2, one per tensor argument, one per token tensor
 
 
 def all_gather_bytes(per_rank_bytes: float, ranks: int) -> float:
