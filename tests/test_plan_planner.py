@@ -150,8 +150,11 @@ def test_fewest_chunks_the_budget_allows_balanced():
 
 def test_bad_plans_are_refused():
     problem = Problem(10, 4, 1000, torch.bfloat16)
-    with pytest.raises(ValueError, match="cannot hold one token"):
+    with pytest.raises(ValueError, match=r"cannot hold one token's logits row \(\d+ bytes at V=1000\)"):
         _choose(problem, "token", None, 100, get_profile("h100"))
+    split = Problem(10, 4, 250, torch.bfloat16, tensor_parallel=4)  # the row of one rank's shard, not V's
+    with pytest.raises(ValueError, match=r"\(\d+ bytes at 250 rows, the largest shard\)"):
+        _choose(split, "token", None, 100, get_profile("h100"))
     with pytest.raises(ValueError, match="row_counts"):
         _choose(problem, "sequence", None, 1 << 20, get_profile("h100"))
     with pytest.raises(ValueError, match="coupling"):

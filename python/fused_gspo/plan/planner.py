@@ -183,9 +183,9 @@ def choose(
     capacity = capacity_tokens(problem, fmt, workspace_bytes)
     if problem.tokens > 0 and capacity < 1:
         row = fmt.bytes_per_token(problem.vocab, problem.hidden)
-        raise ValueError(
-            f"workspace_bytes={workspace_bytes} cannot hold one token's logits row ({row} bytes at V={problem.vocab})"
-        )
+        # vocabulary-parallel: the row is one rank's largest shard's, not the vocabulary's
+        at = f"V={problem.vocab}" if problem.tensor_parallel == 1 else f"{problem.vocab} rows, the largest shard"
+        raise ValueError(f"workspace_bytes={workspace_bytes} cannot hold one token's logits row ({row} bytes at {at})")
     # a training step's forward is planned for the whole step (the single pass does the backward's work early)
     decide_by = "fwd_bwd" if mode == "fwd" else mode
     scored = []
