@@ -44,7 +44,41 @@ def test_grpo_trainer_tensor_parallel_equals_one_process(tmp_path):
                 assert entry[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), (key, entry, reference)
         for name, tensor in single["run"][1].items():
             torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+        # DAPO with an entropy quantile (TRL's gather would count the group's entropies twice)
+        for entry, reference in zip(result["entropy_quantile_logs"], single["entropy_quantile_logs"], strict=True):
+            for key in ("loss", "grad_norm", "entropy"):
+                assert entry[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), (key, entry, reference)
     moved = [n for n, t in single["run"][1].items() if not torch.allclose(t, single["initial"][n], atol=1e-6)]
     assert "lm_head.weight" in moved and "model.embed_tokens.weight" in moved, moved
     for name, tensor in ranks[0]["run"][1].items():
         assert torch.equal(tensor, ranks[1]["run"][1][name]), name
+
+
+def test_the_entropy_quantile_counts_each_tensor_parallel_group_once(monkeypatch):
+    """TRL's entropy mask takes a quantile over every process's entropies, so the ranks of a tensor-parallel group
+    (the same values on every rank) enter it k times; ``torch.quantile`` of k copies interpolates elsewhere. The
+    adapter's gather keeps one copy of each, and the mask is one process's (here: 2 groups of 2 ranks, faked)."""
+    from types import SimpleNamespace
+
+    import fused_gspo.trl.patch as adapter
+    from fused_gspo.objectives import high_entropy_mask
+
+    g = torch.Generator().manual_seed(0)
+    mine, theirs = torch.rand(2, 3, 5, generator=g, dtype=torch.float64)  # this data-parallel group's, the other's
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = mask[1, 4] = 0  # 24 valid entropies over both groups
+
+    def gather(values):  # the world's ranks in order: 2 ranks of this group, 2 of the other one
+        other = theirs[mask.bool()]
+        return torch.cat([values, values, other, other])
+
+    accelerator = SimpleNamespace(gather=gather, pad_across_processes=lambda v, **kw: v, unwrap_model=lambda m: m)
+    trainer = SimpleNamespace(accelerator=accelerator, model=object())
+    monkeypatch.setattr(adapter, "tensor_parallel_ranks", lambda model: [0, 1])
+    got = high_entropy_mask(mine, mask, 0.1, adapter._hooks(trainer).gather_values)
+    one_process = high_entropy_mask(mine, mask, 0.1, lambda v: torch.cat([v, theirs[mask.bool()]]))
+    duplicated = high_entropy_mask(mine, mask, 0.1, gather)
+    assert not torch.equal(duplicated, one_process)  # the draw tells the two quantiles apart
+    assert torch.equal(got, one_process)
+    monkeypatch.setattr(adapter, "tensor_parallel_ranks", lambda model: None)  # no tensor parallelism: TRL's gather
+    assert torch.equal(high_entropy_mask(mine, mask, 0.1, adapter._hooks(trainer).gather_values), duplicated)

@@ -25,6 +25,10 @@ CASE = dict(
     loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.0,
     steps_per_generation=2, max_steps=2, max_completion_length=8,
 )  # fmt: skip
+# TRL's entropy quantile is taken over every process's entropies, the group's copies included: the adapter counts
+# each group once (at this quantile and seed, counting the copies masks other tokens than one process)
+ENTROPY_CASE = {**CASE, "loss_type": "dapo", "importance_sampling_level": "token", "top_entropy_quantile": 0.8,
+                "epsilon": 0.2, "epsilon_high": 0.28}  # fmt: skip
 
 
 def tiny_tp_model():
@@ -103,14 +107,18 @@ def main(out_dir: str, mode: str) -> None:
         adapter.agree_on_seed = agree
         calls["vocab_parallel"] = 0
         logs, weights = train(GRPOTrainer, GRPOConfig, tokenizer, load(), True, **CASE)
-        DTensor.full_tensor = full_tensor
         result["vocab_parallel_calls"] = calls["vocab_parallel"]
         weights = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in weights.items()}
+        entropy_logs, _ = train(GRPOTrainer, GRPOConfig, tokenizer, load(), True, **ENTROPY_CASE)
+        DTensor.full_tensor = full_tensor
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
         result["initial"] = {k: v.detach().clone() for k, v in model.named_parameters()}
         logs, weights = train(GRPOTrainer, GRPOConfig, tokenizer, model, True, **CASE)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        entropy_logs, _ = train(GRPOTrainer, GRPOConfig, tokenizer, model, True, **ENTROPY_CASE)
     result["run"] = (logs, weights)
+    result["entropy_quantile_logs"] = entropy_logs
     torch.save(result, os.path.join(out_dir, f"{mode}-{rank}.pt"))
     if mode == "tp":
         torch.distributed.barrier()

@@ -37,7 +37,7 @@ from ..policy import CrossProcess, compute_policy_loss
 from . import cpo, dpo
 from .config_field import add_flag_field, flag_on, init_validated_by, logits_dtype_of, remove_flag_field
 from .stand_in import ChunkedLogProbStandIn, LogProbRequest, LossRelay, active, current_request
-from .tensor_parallel import agree_on_seed, sharded_head
+from .tensor_parallel import agree_on_seed, sharded_head, tensor_parallel_ranks
 
 _saved: dict = {}
 
@@ -190,7 +190,14 @@ def _hooks(trainer) -> CrossProcess:
 
     def gather_values(values: torch.Tensor) -> torch.Tensor:
         gathered = accelerator.gather(accelerator.pad_across_processes(values, dim=0, pad_index=sentinel))
-        return gathered[gathered != sentinel]
+        gathered = gathered[gathered != sentinel]
+        # a tensor-parallel model: the k ranks of each group hold the same values (the same bits: every rank merges
+        # the statistics alike), which TRL's gather counts k times, and a quantile of k copies is not the quantile
+        # of the values (torch.quantile interpolates between neighbours): keep one copy of each, as one process has
+        ranks = tensor_parallel_ranks(accelerator.unwrap_model(trainer.model))
+        if ranks is not None and len(ranks) > 1:
+            gathered = gathered.sort().values[:: len(ranks)]
+        return gathered
 
     return CrossProcess(
         reduce_sum=lambda x: accelerator.reduce(x, reduction="sum"),

@@ -74,7 +74,7 @@ def tensor_parallel_ranks(model) -> list[int] | None:
     """The global ranks of the tensor-parallel group ``model``'s LM head is split over, or None when it is not."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    weight = getattr(head, "weight", None)
+    weight = unwrap(getattr(head, "weight", None))  # while the adapter scores, the head shows as a ShardedHead
     if not is_dtensor(weight):
         return None
     return [int(r) for r in weight.device_mesh.mesh.flatten().tolist()]
