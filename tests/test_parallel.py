@@ -76,7 +76,10 @@ def test_two_ranks(tmp_path):
                  "hidden sharded on its hidden dimension", "a DTensor advantages", "backend='eager'",
                  "ranks holding different tokens", "ranks holding different shapes",
                  "advantages of another shape on one rank", "ref_logps missing on one rank",
-                 "hidden of another dtype on one rank", "hidden wanting a gradient on one rank only"):  # fmt: skip
+                 "hidden of another dtype on one rank", "hidden wanting a gradient on one rank only",
+                 "a Shard(1) hidden beside a plain weight", "a sharded bias beside a plain weight",
+                 "fused_logprobs: a Replicate() hidden beside a plain weight",
+                 "CPO: a position_hidden DTensor beside a plain weight"):  # fmt: skip
         assert f"refused: {what}" in refused, what
 
 

@@ -11,7 +11,7 @@ from .chunked import ChunkedHead, logprobs, weight_gather
 from .config import PolicyLossConfig, validate_workspace_bytes
 from .head import HeadParams, full_logprobs
 from .parallel import dispatch as vocab_parallel
-from .parallel.placements import is_vocab_parallel
+from .parallel.placements import is_vocab_parallel, refuse_beside_plain_weight
 from .plan.runtime import plan_call, run_planned
 from .policy import PolicyLossOutput, compute_policy_loss
 from .rows import cu_seqlens_from_position_ids
@@ -147,6 +147,7 @@ def fused_policy_loss(
     if isinstance(weight, nn.Module):
         return _policy_loss_through_module(weight, hidden, (completion_ids, advantages, completion_mask), optional,
                                            config=config, backend=backend)  # fmt: skip
+    refuse_beside_plain_weight(hidden=hidden, bias=bias)
     if torch.compiler.is_compiling():
         # one custom operator for the compiler; the checks that read values run inside it
         validate_policy_inputs(
@@ -226,6 +227,7 @@ def fused_logprobs(
 
         logp, entropy = (t.view(targets.shape) for t in _through_module(head_module, forward, hidden))
         return (logp, entropy) if return_entropy else logp
+    refuse_beside_plain_weight(hidden=hidden, bias=bias)
     logits_dtype = _checked_head_options(temperature, logit_scale, final_logit_softcapping, logits_dtype)
     validate_workspace_bytes(workspace_bytes)
     compiling = torch.compiler.is_compiling()
@@ -392,6 +394,7 @@ def fused_preference_loss(
         backend=backend,
     )
     if not isinstance(weight, nn.Module):
+        refuse_beside_plain_weight(hidden=hidden, bias=bias, position_hidden=position_hidden)
         return compute_preference_loss(hidden, weight, completion_ids, completion_mask, bias=bias, **options)
     result = []
 

@@ -402,6 +402,18 @@ def part_refusals(mesh) -> None:
            lambda: loss(h=hidden.float() if odd else hidden))  # fmt: skip
     expect("hidden wanting a gradient on one rank only", ReplicaMismatchError, ["hidden", "requires_grad"],
            lambda: loss(h=hidden.detach().requires_grad_(not odd)))  # fmt: skip
+    # a DTensor beside a plain (replicated) weight: refused by name, not by torch's mixed DTensor/tensor error
+    expect("a Shard(1) hidden beside a plain weight", UnsupportedPlacementError, ["hidden", "plain tensor"],
+           lambda: loss(h=sharded(hidden, mesh, Shard(1)), w=weight))  # fmt: skip
+    expect("a sharded bias beside a plain weight", UnsupportedPlacementError, ["bias", "plain tensor"],
+           lambda: loss(w=weight, b=sharded(bias, mesh)))  # fmt: skip
+    replicated = sharded(hidden, mesh, Replicate())
+    expect("fused_logprobs: a Replicate() hidden beside a plain weight", UnsupportedPlacementError, ["hidden"],
+           lambda: fused_gspo.fused_logprobs(replicated, weight, problem["completion_ids"]))  # fmt: skip
+    pairs = dict(completion_ids=problem["completion_ids"], completion_mask=problem["completion_mask"])
+    expect("CPO: a position_hidden DTensor beside a plain weight", UnsupportedPlacementError, ["position_hidden"],
+           lambda: fused_gspo.fused_preference_loss(hidden, weight, **pairs, config=CPOLossConfig(),
+                                                    position_hidden=replicated))  # fmt: skip
     if WORLD == 4:
         mesh_2d = init_device_mesh("cpu", (2, 2))
         expect("a 2-D mesh", UnsupportedPlacementError, ["1-D mesh"],

@@ -114,6 +114,18 @@ def local_hidden(name: str, hidden, mesh) -> tuple[torch.Tensor, bool]:
     )
 
 
+def refuse_beside_plain_weight(**tensors) -> None:
+    """A DTensor among ``tensors`` when the weight is a plain tensor: :class:`UnsupportedPlacementError` naming it
+    (rather than torch's error on mixing a DTensor with a tensor, deep inside the call)."""
+    for name, x in tensors.items():
+        if is_dtensor(x):
+            raise UnsupportedPlacementError(
+                f"{name}: a DTensor {name} ({_layout(x)}) is taken only beside a weight sharded over the vocabulary "
+                f"(a DTensor (Shard(0),)); weight is a plain tensor here: pass {name} as a plain tensor "
+                f"({name}.full_tensor(), or to_local() when it is replicated)"
+            )
+
+
 def refuse_dtensors(**tensors) -> None:
     for name, x in tensors.items():
         if is_dtensor(x):
@@ -131,5 +143,6 @@ __all__ = [
     "is_dtensor",
     "is_vocab_parallel",
     "local_hidden",
+    "refuse_beside_plain_weight",
     "refuse_dtensors",
 ]
