@@ -87,7 +87,7 @@ def test_four_ranks(tmp_path):
     reports = launch(tmp_path, 4, ["functional", "training", "refusals"])
     assert_objectives_checked(reports["functional"][0], 4)
     text = names(reports["functional"][0])
-    assert "gspo V=7 torch float64: dweight" in text  # 7 rows over 4 ranks: the last shard is empty
-    assert "dpo_sft_softcap_bias V=7 torch float64: metric mean_token_accuracy" in text
+    assert "gspo V=3 torch float64: dweight" in text  # 3 rows over 4 ranks (1, 1, 1, 0): the last shard is empty
+    assert "dpo_sft_softcap_bias V=5 torch float64: metric mean_token_accuracy" in text  # 2, 2, 1, 0
     assert "refused: a 2-D mesh" in names(reports["refusals"][0])
     assert "training after 4 AdamW steps: lm_head.bias" in names(reports["training"][0])
