@@ -1,4 +1,4 @@
-"""Vocabulary parallelism end to end: the head's weight a ``Shard(0)`` DTensor over 2 and 4 CPU processes (gloo)
+"""Vocabulary parallelism end to end: the head's weight a ``Shard(0)`` DTensor over 2, 3 and 4 CPU processes (gloo)
 equals the single-process call, for every objective class, through the module path and a transformers
 ``tp_plan="auto"`` model, and refused layouts raise their named errors. The processes run
 ``tests/workers/vocab_parallel.py``; each rank reports the checks it passed, read back here."""
@@ -36,7 +36,8 @@ def names(report: dict) -> str:
 
 def assert_objectives_checked(report: dict, ranks: int) -> None:
     text = names(report)
-    vocabularies = (8 * ranks, 8 * ranks + 5)  # divisible by the mesh size, and not
+    # as the worker's vocabularies(): divisible by the mesh size, and not
+    vocabularies = (27 if ranks == 3 else 8 * ranks, 8 * ranks + 5)
     for V in vocabularies:
         for case in ("dapo_kl", "gspo", "gspo_token", "gmpo", "entropy_mask_bonus", "rloo_transform",
                      "on_policy_dr_grpo", "packed_gspo"):  # fmt: skip
@@ -81,6 +82,12 @@ def test_two_ranks(tmp_path):
                  "fused_logprobs: a Replicate() hidden beside a plain weight",
                  "CPO: a position_hidden DTensor beside a plain weight"):  # fmt: skip
         assert f"refused: {what}" in refused, what
+
+
+def test_three_ranks(tmp_path):
+    """An odd mesh: V = 29 cut 10, 10, 9 and V = 27 cut evenly."""
+    reports = launch(tmp_path, 3, ["functional"])
+    assert_objectives_checked(reports["functional"][0], 3)
 
 
 def test_four_ranks(tmp_path):
