@@ -58,6 +58,8 @@ def assert_objectives_checked(report: dict, ranks: int) -> None:
     assert f"gspo V={V} torch float64 hidden Shard(dim=1): dhidden" in text
     assert f"packed_gspo V={V} torch float64 hidden Shard(dim=0): dhidden" in text
     assert f"gspo V={V} torch float64 hidden Replicate(): dhidden" in text
+    for placement in ("None", "Shard(dim=1)", "Replicate()"):
+        assert f"preference_reference_logps V={V} hidden {placement}: rejected" in text
     assert f"dapo_kl V={V} triton float32: dweight" in text
     assert f"dpo_wpo V={V} triton float32: metric mean_token_accuracy" in text
 
@@ -80,7 +82,8 @@ def test_two_ranks(tmp_path):
                  "hidden of another dtype on one rank", "hidden wanting a gradient on one rank only",
                  "a Shard(1) hidden beside a plain weight", "a sharded bias beside a plain weight",
                  "fused_logprobs: a Replicate() hidden beside a plain weight",
-                 "CPO: a position_hidden DTensor beside a plain weight"):  # fmt: skip
+                 "CPO: a position_hidden DTensor beside a plain weight",
+                 "preference_reference_logps: a DTensor hidden beside a plain weight"):  # fmt: skip
         assert f"refused: {what}" in refused, what
 
 

@@ -11,7 +11,7 @@ from .chunked import ChunkedHead, logprobs, weight_gather
 from .config import PolicyLossConfig, validate_workspace_bytes
 from .head import HeadParams, full_logprobs
 from .parallel import dispatch as vocab_parallel
-from .parallel.placements import is_vocab_parallel, refuse_beside_plain_weight
+from .parallel.placements import check_weight, is_dtensor, is_vocab_parallel, local_hidden, refuse_beside_plain_weight
 from .plan.runtime import plan_call, run_planned
 from .policy import PolicyLossOutput, compute_policy_loss
 from .rows import cu_seqlens_from_position_ids
@@ -426,7 +426,8 @@ def preference_reference_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ref_chosen_logps, ref_rejected_logps)`` ``[B]``: the reference model's sequence log-probs as
     ``DPOTrainer`` reduces them (``ld_alpha``: LD-DPO's shared/tail form), from its hidden states ``[2B, T, H]`` (or
-    ``[n, H]``, the valid tokens row-major) and head, by the no-grad fused pass."""
+    ``[n, H]``, the valid tokens row-major) and head, by the no-grad fused pass. With a head sharded over the
+    vocabulary, ``hidden`` may be a DTensor as in :func:`fused_preference_loss` (gathered here)."""
     from .host_values import read_mask_rows  # noqa: PLC0415
     from .preference import DPOLossConfig  # noqa: PLC0415
     from .preference.dpo import reference_logps  # noqa: PLC0415
@@ -440,6 +441,12 @@ def preference_reference_logps(
         raise ValueError(
             f"packed hidden ([n, H]) must hold one row per valid token ({sum(row_counts)}), got {hidden.shape[0]}"
         )
+    if is_dtensor(hidden):  # picking the valid tokens needs the local tensor: gathered here, as the call would
+        if not is_vocab_parallel(weight):
+            refuse_beside_plain_weight(hidden=hidden)
+        mesh = check_weight(weight.weight if isinstance(weight, nn.Module) else weight)
+        with torch.no_grad():
+            hidden = local_hidden("hidden", hidden, mesh)[0]
     valid = completion_mask.bool()
     with torch.no_grad():
         logp = fused_logprobs(

@@ -272,6 +272,20 @@ def logprobs_case(V, mesh, dtype=torch.float64, backend="torch", tol=1e-10):
     check(f"fused_logprobs no-grad V={V} {backend}", split, plain, tol)
 
 
+def reference_logps_case(V, mesh, tol=1e-10):
+    """``preference_reference_logps`` (the no-grad reference pass) on a sharded head, hidden plain or a DTensor."""
+    head, batch = draw_pairs(2, 5, 8, V, seed=V, with_bias=True)
+    ids, mask = batch["completion_ids"], batch["completion_mask"]
+    plain = fused_gspo.preference_reference_logps(head["hidden"], head["weight"], ids, mask, bias=head["bias"])
+    for placement in (None, Shard(1), Replicate()):
+        hidden = head["hidden"] if placement is None else sharded(head["hidden"], mesh, placement)
+        split = fused_gspo.preference_reference_logps(
+            hidden, sharded(head["weight"], mesh), ids, mask, bias=sharded(head["bias"], mesh), backend="torch"
+        )
+        for side, got, ref in zip(("chosen", "rejected"), split, plain, strict=True):
+            check(f"preference_reference_logps V={V} hidden {placement!r}: {side}", got, ref, tol)
+
+
 def vocabularies(ranks: int) -> tuple[int, int]:
     """Divisible by the mesh size, and not (at 3 ranks 27, not 24: V=24's draw clips every RLOO ratio, no gradient)."""
     return (27 if ranks == 3 else 8 * ranks), 8 * ranks + 5
@@ -289,6 +303,7 @@ def part_functional(mesh) -> None:
     policy_case("gspo", V, mesh, hidden_placement=Replicate())
     policy_case("gspo", V, mesh, hidden_placement=Shard(1))
     policy_case("packed_gspo", V, mesh, hidden_placement=Shard(0))
+    reference_logps_case(V, mesh)
     # float32 inputs (statistics and collectives in fp32)
     policy_case("gspo_token", V, mesh, dtype=torch.float32, tol=2e-5)
     # the Triton tile ops (under the interpreter on CPU): targets outside the shard select no column there too
@@ -423,6 +438,9 @@ def part_refusals(mesh) -> None:
     expect("CPO: a position_hidden DTensor beside a plain weight", UnsupportedPlacementError, ["position_hidden"],
            lambda: fused_gspo.fused_preference_loss(hidden, weight, **pairs, config=CPOLossConfig(),
                                                     position_hidden=replicated))  # fmt: skip
+    expect("preference_reference_logps: a DTensor hidden beside a plain weight", UnsupportedPlacementError,
+           ["hidden", "plain tensor"],
+           lambda: fused_gspo.preference_reference_logps(replicated, weight, **pairs))  # fmt: skip
     if WORLD == 4:
         mesh_2d = init_device_mesh("cpu", (2, 2))
         expect("a 2-D mesh", UnsupportedPlacementError, ["1-D mesh"],
