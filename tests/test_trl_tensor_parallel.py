@@ -80,5 +80,8 @@ def test_the_entropy_quantile_counts_each_tensor_parallel_group_once(monkeypatch
     duplicated = high_entropy_mask(mine, mask, 0.1, gather)
     assert not torch.equal(duplicated, one_process)  # the draw tells the two quantiles apart
     assert torch.equal(got, one_process)
+    accelerator.gather = lambda values: torch.cat([values, theirs[mask.bool()]])  # a gather that counts groups once
+    assert torch.equal(high_entropy_mask(mine, mask, 0.1, adapter._hooks(trainer).gather_values), one_process)
+    accelerator.gather = gather
     monkeypatch.setattr(adapter, "tensor_parallel_ranks", lambda model: None)  # no tensor parallelism: TRL's gather
     assert torch.equal(high_entropy_mask(mine, mask, 0.1, adapter._hooks(trainer).gather_values), duplicated)

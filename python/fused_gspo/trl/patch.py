@@ -196,7 +196,11 @@ def _hooks(trainer) -> CrossProcess:
         # of the values (torch.quantile interpolates between neighbours): keep one copy of each, as one process has
         ranks = tensor_parallel_ranks(accelerator.unwrap_model(trainer.model))
         if ranks is not None and len(ranks) > 1:
-            gathered = gathered.sort().values[:: len(ranks)]
+            k = len(ranks)
+            ordered = gathered.sort().values
+            # (only where the values do come k at a time: a gather that already counted each group once stays)
+            if ordered.numel() % k == 0 and torch.equal(ordered[::k], ordered[k - 1 :: k]):
+                gathered = ordered[::k]
         return gathered
 
     return CrossProcess(
