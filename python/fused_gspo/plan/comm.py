@@ -9,7 +9,8 @@ over its ``V / k`` rows:
 - per backward, one all-reduce of the fp32 ``dX`` (``N x H``): a ring sends ``2 (k - 1) / k`` of it each way.
   Under sequence parallelism DTensor instead gathers the hidden states before the call and reduce-scatters their
   gradient after it, both in the inputs' dtype: ``(k - 1) / k`` of ``N x H`` each;
-- per call, the handshake: a few int64 per rank (shard sizes, free memory, token fingerprints).
+- per call, the handshake: a few int64 per rank (shard sizes, free memory, fingerprints of the tokens and of the
+  arguments' layouts).
 
 A collective's time is ``bytes / (link bandwidth x efficiency) + latency`` (:class:`fused_gspo.plan.devices.
 DeviceProfile`'s ``link_*`` fields: datasheet NVLink / PCIe rates; the efficiency and the latency are assumptions,
