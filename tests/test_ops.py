@@ -304,3 +304,35 @@ def test_compiled_step_takes_position_ids():
     assert counter.frame_count == 2  # [S] advantages: S = 4, then a dynamic S
     with pytest.raises(ValueError, match="position_ids must start a sequence"):
         compiled(x, **inputs, position_ids=position_ids_of(cut) + 1)
+
+
+# the preference losses have no custom operator: compiled, they run eagerly as one graph break, and fullgraph=True
+# refuses them by name (traced, they broke the graph a dozen times, recompiled per mask, and fullgraph=True failed
+# on "ContextVar.get")
+def test_compiled_preference_loss_runs_eagerly_as_one_graph_break():
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(4, 5, 8, generator=g, requires_grad=True)
+    weight = (0.5 * torch.randn(29, 8, generator=g)).requires_grad_()
+    ids = torch.randint(0, 29, (4, 5), generator=g)
+    mask = (torch.rand(4, 5, generator=g) > 0.3).long()
+    mask[:, 0] = 1
+
+    def step(hidden, ids, mask):
+        ref = fused_gspo.preference_reference_logps(hidden.detach(), weight.detach(), ids, mask, backend="torch")
+        out = fused_gspo.fused_preference_loss(torch.tanh(hidden), weight, ids, mask, ref_chosen_logps=ref[0] - 0.1,
+                                               ref_rejected_logps=ref[1] + 0.2, backend="torch")  # fmt: skip
+        return 2.0 * out.loss, out.metrics
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter)
+    compiled(hidden, ids, mask.flip(1).clamp(max=1) | (torch.arange(5) == 4))
+    frames = counter.frame_count  # the graphs around the two calls
+    loss, metrics = compiled(hidden, ids, mask)
+    assert counter.frame_count == frames  # nothing traced reads the mask: another one does not recompile
+    ref_loss, ref_metrics = step(hidden, ids, mask)
+    assert rel_err(loss, ref_loss) < 1e-6 and metrics.keys() == ref_metrics.keys()
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    ref_grads = torch.autograd.grad(ref_loss, [hidden, weight])
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(grads, ref_grads, strict=True))
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="preference losses have no custom operator"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(hidden, ids, mask)
