@@ -190,6 +190,23 @@ def test_opcheck_logprobs():
     torch.library.opcheck(ops.logprobs_op, args)
 
 
+# a head weight that is a transpose (an [H, V] parameter's .t()): the eager backend's autograd handed back gradients
+# in its layout, not the fake implementation's, and inductor's stride assertion failed the compiled step
+def test_opcheck_with_a_transposed_weight_on_the_eager_backend():
+    x, _, _, rest = _inputs(seed=12)
+    weight = torch.randn(x.shape[-1], 29, generator=torch.Generator().manual_seed(12)).t()
+    config = PolicyLossConfig(loss_type="dapo")
+    args = (x, weight, None, rest["completion_ids"], rest["advantages"], rest["completion_mask"], rest["old_logps"],
+            None, None, None, None, None, None, *ops.config_args(config), "eager", [True, True] + [False] * 7,
+            torch.float32)  # fmt: skip
+    torch.library.opcheck(ops.policy_loss_op, args)
+    h, ids = x.reshape(-1, x.shape[-1]), rest["completion_ids"].reshape(-1)
+    options = (1.0, 1.0, None, "eager", 0, [True, True, False], torch.float32, "auto")
+    _, entropy, lse = ops.logprobs_op(h, weight, None, ids, *options)
+    grads = (torch.randn_like(lse), torch.randn_like(lse))
+    torch.library.opcheck(ops.logprobs_backward_op, (h, weight, None, ids, lse, entropy, *grads, *options))
+
+
 def test_config_round_trips_through_the_operator_arguments():
     for config in (
         PolicyLossConfig(loss_type="vespo", epsilon_high=0.3, delta=None, workspace_bytes=1 << 20, beta=0.1),

@@ -175,7 +175,9 @@ def policy_loss_op(
             results.append(_empty(hidden, stats))
             continue
         grad = grads.pop(0)
-        results.append(torch.zeros_like(t) if grad is None else grad)
+        # contiguous, as the fake implementation says: autograd hands back a transposed weight's layout (the eager
+        # backend's matmul), which inductor's stride assertion refused
+        results.append((torch.zeros_like(t) if grad is None else grad).contiguous())
     metrics = torch.stack([out.metrics[name].to(stats) for name in _key_shapes(config)[0]])
     entropy_mask = out.entropy_mask if out.entropy_mask is not None else _empty(completion_mask, torch.bool)
     return (
@@ -325,7 +327,8 @@ def logprobs_backward_op(
             head = HeadParams(temperature, logit_scale, softcap)
             logp, ent = full_logprobs(leaves[0], leaves[1], leaves[2], targets, head, compute_dtype)
             grad_of = [leaf for leaf, n in zip(leaves, needs, strict=True) if leaf is not None and n]
-            grads = list(torch.autograd.grad((logp * grad_logp).sum() + (ent * grad_entropy).sum(), grad_of))
+            value = (logp * grad_logp).sum() + (ent * grad_entropy).sum()
+            grads = list(torch.autograd.grad(value, grad_of)) if grad_of else []
         wanted = zip((hidden, weight, bias), needs, strict=True)
         results = [grads.pop(0) if (t is not None and n) else None for t, n in wanted]
     else:
@@ -335,7 +338,7 @@ def logprobs_backward_op(
         )  # fmt: skip
         acc = recompute_grads(hidden, weight, bias, targets, call, lse, entropy, grad_logp, grad_entropy, needs)
         results = acc.results()
-    return tuple(_empty(hidden, stats) if r is None else r for r in results)
+    return tuple(_empty(hidden, stats) if r is None else r.contiguous() for r in results)  # the fake's layout
 
 
 @logprobs_backward_op.register_fake
