@@ -3,6 +3,7 @@ no recompilation when the data or (marked dynamic) the shapes change."""
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from conftest import draw_packed_problem, draw_problem, rel_err
@@ -247,6 +248,20 @@ def test_compiled_step_takes_new_configs(dynamic):
         assert all(abs(float(metrics[k]) - float(ref_metrics[k])) < 1e-6 for k in metrics)
         grads, ref_grads = _grads(loss, model, weight, None), _grads(ref_loss, model, weight, None)
         assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads, strict=True))
+
+
+# a config built from NumPy scalars (a sweep's np.linspace, np.int64 counts): eager mode took it, but torch.compile
+# traces a NumPy scalar as an array, and the compiled step failed; the config now holds the Python numbers
+def test_compiled_step_takes_a_config_of_numpy_scalars():
+    x, weight, bias, rest = _inputs(seed=13)
+    config = PolicyLossConfig(loss_type="dr_grpo", epsilon=np.float64(0.25), max_completion_length=np.int64(6),
+                              top_entropy_quantile=np.float32(0.5), use_bias_correction_kl=np.bool_(True))  # fmt: skip
+    names = ("epsilon", "max_completion_length", "use_bias_correction_kl")
+    assert [type(getattr(config, name)) for name in names] == [float, int, bool]
+    step = _step(_model(x.shape[-1]), weight, bias, config)
+    loss, metrics, _ = torch.compile(step, fullgraph=True, backend="aot_eager")(x, **rest)
+    ref_loss, ref_metrics, _ = step(x, **rest)
+    assert rel_err(loss, ref_loss) < 1e-6 and metrics.keys() == ref_metrics.keys()
 
 
 # fused_logprobs with its default arguments, and with a temperature and a budget, under dynamic=True: every float is
