@@ -186,8 +186,8 @@ def test_opcheck_logprobs():
     ids = rest["completion_ids"].reshape(-1)
     h = x.reshape(-1, x.shape[-1])
     head = HeadParams(temperature=0.8, softcap=4.0)
-    args = (h, weight.detach(), bias.detach(), ids, head.temperature, head.logit_scale, head.softcap, "torch", 0,
-            [True, True, True], torch.float32, "auto")  # fmt: skip
+    args = (h, weight.detach(), bias.detach(), ids, ops.head_args(head), "torch", 0, [True, True, True], torch.float32,
+            "auto")  # fmt: skip
     torch.library.opcheck(ops.logprobs_op, args)
 
 
@@ -202,7 +202,7 @@ def test_opcheck_with_a_transposed_weight_on_the_eager_backend():
             torch.float32)  # fmt: skip
     torch.library.opcheck(ops.policy_loss_op, args)
     h, ids = x.reshape(-1, x.shape[-1]), rest["completion_ids"].reshape(-1)
-    options = (1.0, 1.0, None, "eager", 0, [True, True, False], torch.float32, "auto")
+    options = (ops.head_args(HeadParams()), "eager", 0, [True, True, False], torch.float32, "auto")
     _, entropy, lse = ops.logprobs_op(h, weight, None, ids, *options)
     grads = (torch.randn_like(lse), torch.randn_like(lse))
     torch.library.opcheck(ops.logprobs_backward_op, (h, weight, None, ids, lse, entropy, *grads, *options))
@@ -280,6 +280,33 @@ def test_compiled_fused_logprobs_with_dynamic_numbers():
         ref = step(x, ids, *args)
         assert rel_err(logp, ref) < 1e-6
         assert rel_err(torch.autograd.grad(logp.sum(), weight)[0], torch.autograd.grad(ref.sum(), weight)[0]) < 1e-5
+
+
+# numbers that change every step (a KL coefficient or an entropy bonus on a schedule, a temperature) compile once more,
+# then are traced as symbols: a float reached the operators through torch.tensor(...) or as a float argument, where
+# the compiler specialized it, so every new value recompiled and the ninth failed fullgraph=True
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_changing_floats_do_not_recompile_every_step(dynamic):
+    x, weight, bias, rest = _inputs(seed=14, with_ref=True, with_bias=True)
+    base = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", workspace_bytes=29 * 4 * 3 * 4)
+
+    def step(x, beta, entropy_coef, temperature):
+        config = base.replace(beta=beta, entropy_coef=entropy_coef, temperature=temperature)
+        loss = fused_gspo.fused_policy_loss(x, weight, **rest, bias=bias, config=config, backend="torch").loss
+        logp = fused_gspo.fused_logprobs(x, weight, rest["completion_ids"], bias=bias, temperature=temperature,
+                                         final_logit_softcapping=4.0 + temperature, backend="torch")  # fmt: skip
+        return loss + 0.1 * logp.sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter, dynamic=dynamic)
+    frames = []
+    for i in range(10):
+        numbers = (0.02 + 0.01 * i, 0.001 * (i + 1), 0.8 + 0.05 * i)
+        value, ref = compiled(x, *numbers), step(x, *numbers)
+        assert rel_err(value, ref) < 1e-6
+        assert rel_err(torch.autograd.grad(value, weight)[0], torch.autograd.grad(ref, weight)[0]) < 1e-5
+        frames.append(counter.frame_count)
+    assert frames[-1] == frames[2] <= 2, frames
 
 
 # the objective's own inputs that require grad (advantages, old log-probs, the vLLM ratio) get the eager gradient
