@@ -3,6 +3,7 @@ no recompilation when the data or (marked dynamic) the shapes change."""
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from conftest import draw_packed_problem, draw_problem, rel_err
@@ -185,9 +186,26 @@ def test_opcheck_logprobs():
     ids = rest["completion_ids"].reshape(-1)
     h = x.reshape(-1, x.shape[-1])
     head = HeadParams(temperature=0.8, softcap=4.0)
-    args = (h, weight.detach(), bias.detach(), ids, head.temperature, head.logit_scale, head.softcap, "torch", 0,
-            [True, True, True], torch.float32, "auto")  # fmt: skip
+    args = (h, weight.detach(), bias.detach(), ids, ops.head_args(head), "torch", 0, [True, True, True], torch.float32,
+            "auto")  # fmt: skip
     torch.library.opcheck(ops.logprobs_op, args)
+
+
+# a head weight that is a transpose (an [H, V] parameter's .t()): the eager backend's autograd handed back gradients
+# in its layout, not the fake implementation's, and inductor's stride assertion failed the compiled step
+def test_opcheck_with_a_transposed_weight_on_the_eager_backend():
+    x, _, _, rest = _inputs(seed=12)
+    weight = torch.randn(x.shape[-1], 29, generator=torch.Generator().manual_seed(12)).t()
+    config = PolicyLossConfig(loss_type="dapo")
+    args = (x, weight, None, rest["completion_ids"], rest["advantages"], rest["completion_mask"], rest["old_logps"],
+            None, None, None, None, None, None, *ops.config_args(config), "eager", [True, True] + [False] * 7,
+            torch.float32)  # fmt: skip
+    torch.library.opcheck(ops.policy_loss_op, args)
+    h, ids = x.reshape(-1, x.shape[-1]), rest["completion_ids"].reshape(-1)
+    options = (ops.head_args(HeadParams()), "eager", 0, [True, True, False], torch.float32, "auto")
+    _, entropy, lse = ops.logprobs_op(h, weight, None, ids, *options)
+    grads = (torch.randn_like(lse), torch.randn_like(lse))
+    torch.library.opcheck(ops.logprobs_backward_op, (h, weight, None, ids, lse, entropy, *grads, *options))
 
 
 def test_config_round_trips_through_the_operator_arguments():
@@ -232,6 +250,20 @@ def test_compiled_step_takes_new_configs(dynamic):
         assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads, strict=True))
 
 
+# a config built from NumPy scalars (a sweep's np.linspace, np.int64 counts): eager mode took it, but torch.compile
+# traces a NumPy scalar as an array, and the compiled step failed; the config now holds the Python numbers
+def test_compiled_step_takes_a_config_of_numpy_scalars():
+    x, weight, bias, rest = _inputs(seed=13)
+    config = PolicyLossConfig(loss_type="dr_grpo", epsilon=np.float64(0.25), max_completion_length=np.int64(6),
+                              top_entropy_quantile=np.float32(0.5), use_bias_correction_kl=np.bool_(True))  # fmt: skip
+    names = ("epsilon", "max_completion_length", "use_bias_correction_kl")
+    assert [type(getattr(config, name)) for name in names] == [float, int, bool]
+    step = _step(_model(x.shape[-1]), weight, bias, config)
+    loss, metrics, _ = torch.compile(step, fullgraph=True, backend="aot_eager")(x, **rest)
+    ref_loss, ref_metrics, _ = step(x, **rest)
+    assert rel_err(loss, ref_loss) < 1e-6 and metrics.keys() == ref_metrics.keys()
+
+
 # fused_logprobs with its default arguments, and with a temperature and a budget, under dynamic=True: every float is
 # symbolic from the first call (issue 23: the config's checks called math.isfinite on one)
 def test_compiled_fused_logprobs_with_dynamic_numbers():
@@ -248,6 +280,33 @@ def test_compiled_fused_logprobs_with_dynamic_numbers():
         ref = step(x, ids, *args)
         assert rel_err(logp, ref) < 1e-6
         assert rel_err(torch.autograd.grad(logp.sum(), weight)[0], torch.autograd.grad(ref.sum(), weight)[0]) < 1e-5
+
+
+# numbers that change every step (a KL coefficient or an entropy bonus on a schedule, a temperature) compile once more,
+# then are traced as symbols: a float reached the operators through torch.tensor(...) or as a float argument, where
+# the compiler specialized it, so every new value recompiled and the ninth failed fullgraph=True
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_changing_floats_do_not_recompile_every_step(dynamic):
+    x, weight, bias, rest = _inputs(seed=14, with_ref=True, with_bias=True)
+    base = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", workspace_bytes=29 * 4 * 3 * 4)
+
+    def step(x, beta, entropy_coef, temperature):
+        config = base.replace(beta=beta, entropy_coef=entropy_coef, temperature=temperature)
+        loss = fused_gspo.fused_policy_loss(x, weight, **rest, bias=bias, config=config, backend="torch").loss
+        logp = fused_gspo.fused_logprobs(x, weight, rest["completion_ids"], bias=bias, temperature=temperature,
+                                         final_logit_softcapping=4.0 + temperature, backend="torch")  # fmt: skip
+        return loss + 0.1 * logp.sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter, dynamic=dynamic)
+    frames = []
+    for i in range(10):
+        numbers = (0.02 + 0.01 * i, 0.001 * (i + 1), 0.8 + 0.05 * i)
+        value, ref = compiled(x, *numbers), step(x, *numbers)
+        assert rel_err(value, ref) < 1e-6
+        assert rel_err(torch.autograd.grad(value, weight)[0], torch.autograd.grad(ref, weight)[0]) < 1e-5
+        frames.append(counter.frame_count)
+    assert frames[-1] == frames[2] <= 2, frames
 
 
 # the objective's own inputs that require grad (advantages, old log-probs, the vLLM ratio) get the eager gradient
@@ -304,3 +363,35 @@ def test_compiled_step_takes_position_ids():
     assert counter.frame_count == 2  # [S] advantages: S = 4, then a dynamic S
     with pytest.raises(ValueError, match="position_ids must start a sequence"):
         compiled(x, **inputs, position_ids=position_ids_of(cut) + 1)
+
+
+# the preference losses have no custom operator: compiled, they run eagerly as one graph break, and fullgraph=True
+# refuses them by name (traced, they broke the graph a dozen times, recompiled per mask, and fullgraph=True failed
+# on "ContextVar.get")
+def test_compiled_preference_loss_runs_eagerly_as_one_graph_break():
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(4, 5, 8, generator=g, requires_grad=True)
+    weight = (0.5 * torch.randn(29, 8, generator=g)).requires_grad_()
+    ids = torch.randint(0, 29, (4, 5), generator=g)
+    mask = (torch.rand(4, 5, generator=g) > 0.3).long()
+    mask[:, 0] = 1
+
+    def step(hidden, ids, mask):
+        ref = fused_gspo.preference_reference_logps(hidden.detach(), weight.detach(), ids, mask, backend="torch")
+        out = fused_gspo.fused_preference_loss(torch.tanh(hidden), weight, ids, mask, ref_chosen_logps=ref[0] - 0.1,
+                                               ref_rejected_logps=ref[1] + 0.2, backend="torch")  # fmt: skip
+        return 2.0 * out.loss, out.metrics
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter)
+    compiled(hidden, ids, mask.flip(1).clamp(max=1) | (torch.arange(5) == 4))
+    frames = counter.frame_count  # the graphs around the two calls
+    loss, metrics = compiled(hidden, ids, mask)
+    assert counter.frame_count == frames  # nothing traced reads the mask: another one does not recompile
+    ref_loss, ref_metrics = step(hidden, ids, mask)
+    assert rel_err(loss, ref_loss) < 1e-6 and metrics.keys() == ref_metrics.keys()
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    ref_grads = torch.autograd.grad(ref_loss, [hidden, weight])
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(grads, ref_grads, strict=True))
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="preference losses have no custom operator"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(hidden, ids, mask)

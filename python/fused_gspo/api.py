@@ -317,6 +317,15 @@ def _resolve_preference_config(config, overrides: dict):
     return config.replace(**overrides) if overrides else config
 
 
+# The preference losses have no custom operator: under torch.compile they run eagerly, as one graph break (traced,
+# their host reads of the mask broke the graph a dozen times, and fullgraph=True failed on an unrelated construct)
+_PREFERENCE_EAGER = (
+    "the preference losses have no custom operator and run eagerly under torch.compile (one graph break); "
+    "call them outside a fullgraph=True region"
+)
+
+
+@torch.compiler.disable(reason=_PREFERENCE_EAGER)
 def fused_preference_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor | nn.Module,
@@ -362,6 +371,8 @@ def fused_preference_loss(
     Returns:
         :class:`fused_gspo.preference.head.PreferenceLossOutput`: ``loss``, ``metrics`` (the trainer's names),
         ``chosen_logps`` / ``rejected_logps`` ``[B]``, ``logps`` / ``entropy`` ``[2B, T]``.
+
+    Under ``torch.compile`` it runs eagerly (a graph break; ``fullgraph=True`` refuses it, naming this reason).
     """
     from .preference.head import compute_preference_loss  # noqa: PLC0415
 
@@ -409,6 +420,7 @@ def fused_preference_loss(
     return result[0]
 
 
+@torch.compiler.disable(reason=_PREFERENCE_EAGER)
 def preference_reference_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor | nn.Module,

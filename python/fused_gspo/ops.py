@@ -23,6 +23,7 @@ import ast
 import contextlib
 import dataclasses
 import functools
+import math
 import warnings
 
 import torch
@@ -62,7 +63,10 @@ def config_args(config: PolicyLossConfig) -> tuple[str, Tensor]:
     numbers = [v for v, kind in zip(values, kinds, strict=True) if kind]
     entropy_mask = True if config.top_entropy_quantile < 1.0 else False  # noqa: SIM210  (a guard, not a symbol)
     key = repr((fixed, kinds, metric_names(config), entropy_mask))
-    return key, torch.tensor(numbers, dtype=torch.float64)
+    # each number added to a float64 zero (exact), not torch.tensor(numbers): the compiler turns a symbolic float into
+    # a tensor only where a tensor op takes it, and specialized it in a factory call, recompiling for every new value
+    zero = torch.zeros((), dtype=torch.float64)
+    return key, torch.stack([zero + v for v in numbers]) if numbers else zero.new_zeros((0,))
 
 
 def _config(key: str, numbers: Tensor) -> PolicyLossConfig:
@@ -175,7 +179,9 @@ def policy_loss_op(
             results.append(_empty(hidden, stats))
             continue
         grad = grads.pop(0)
-        results.append(torch.zeros_like(t) if grad is None else grad)
+        # contiguous, as the fake implementation says: autograd hands back a transposed weight's layout (the eager
+        # backend's matmul), which inductor's stride assertion refused
+        results.append((torch.zeros_like(t) if grad is None else grad).contiguous())
     metrics = torch.stack([out.metrics[name].to(stats) for name in _key_shapes(config)[0]])
     entropy_mask = out.entropy_mask if out.entropy_mask is not None else _empty(completion_mask, torch.bool)
     return (
@@ -235,7 +241,21 @@ policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_lo
 _AUTO_WORKSPACE = 0
 
 
-def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs, precision):
+def head_args(head: HeadParams) -> Tensor:
+    """The head transform as the log-prob operators' ``head`` argument: float64 ``[temperature, logit_scale,
+    softcap]`` (NaN: no softcap). A tensor, as for the config (:func:`config_args`): the compiler keeps a symbolic
+    float that a tensor op takes; a float argument it specialized, recompiling for every new temperature."""
+    zero = torch.zeros((), dtype=torch.float64)
+    softcap = math.nan if head.softcap is None else head.softcap
+    return torch.stack([zero + head.temperature, zero + head.logit_scale, zero + softcap])
+
+
+def _head_of(numbers: Tensor) -> HeadParams:
+    temperature, logit_scale, softcap = numbers.tolist()
+    return HeadParams(temperature, logit_scale, None if math.isnan(softcap) else softcap)
+
+
+def _head_call(hidden, weight, bias, head: HeadParams, backend, workspace, mode, needs, precision):
     """The chunked head's call for these options; ``precision``: ``(compute_dtype, logits_dtype)``."""
     ops = tile_ops_for(backend)
     plan = plan_call(
@@ -247,12 +267,11 @@ def _head_call(hidden, weight, bias, temperature, logit_scale, softcap, backend,
         coupling="global",
         row_counts=None,
         mode=mode,
-        softcap=softcap is not None,
+        softcap=head.softcap is not None,
         needs=tuple(needs),
         compute_dtype=precision[0],
         logits_dtype=precision[1],
     )
-    head = HeadParams(temperature, logit_scale, softcap)
     return ChunkedHead(head, ops, tuple(plan.bounds), fmt=plan.fmt)
 
 
@@ -262,25 +281,23 @@ def logprobs_op(
     weight: Tensor,
     bias: Tensor | None,
     targets: Tensor,
-    temperature: float,
-    logit_scale: float,
-    softcap: float | None,
+    head: Tensor,
     backend: str,
     workspace: int,
     needs: list[bool],
     compute_dtype: torch.dtype,
     logits_dtype: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp, entropy, lse)`` ``[N]`` of ``targets`` (``hidden [N, H]``), for a backward that recomputes."""
+    """``(logp, entropy, lse)`` ``[N]`` of ``targets`` (``hidden [N, H]``), for a backward that recomputes.
+    ``head``: :func:`head_args`."""
     validate_logprob_inputs(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    params = _head_of(head)
     if backend == "eager":
-        head = HeadParams(temperature, logit_scale, softcap)
-        logp, entropy = full_logprobs(hidden, weight, bias, targets, head, compute_dtype)
+        logp, entropy = full_logprobs(hidden, weight, bias, targets, params, compute_dtype)
         return logp, entropy, torch.zeros_like(logp)
     mode = "fwd_bwd" if any(needs) else "logprobs"
     call = _head_call(
-        hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, mode, needs,
-        (compute_dtype, logits_dtype),
+        hidden, weight, bias, params, backend, workspace, mode, needs, (compute_dtype, logits_dtype),
     )  # fmt: skip
     from .chunked import score  # noqa: PLC0415
 
@@ -305,9 +322,7 @@ def logprobs_backward_op(
     entropy: Tensor,
     grad_logp: Tensor,
     grad_entropy: Tensor,
-    temperature: float,
-    logit_scale: float,
-    softcap: float | None,
+    head: Tensor,
     backend: str,
     workspace: int,
     needs: list[bool],
@@ -316,26 +331,26 @@ def logprobs_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d_hidden, d_weight, d_bias)`` of ``fused_gspo::logprobs`` (empty where not in ``needs``)."""
     stats = stats_dtype_for(torch.promote_types(hidden.dtype, weight.dtype))
+    params = _head_of(head)
     if backend == "eager":
         with _autograd_inside():
             leaves = [
                 None if t is None else t.detach().requires_grad_(n)
                 for t, n in zip((hidden, weight, bias), needs, strict=True)
             ]
-            head = HeadParams(temperature, logit_scale, softcap)
-            logp, ent = full_logprobs(leaves[0], leaves[1], leaves[2], targets, head, compute_dtype)
+            logp, ent = full_logprobs(leaves[0], leaves[1], leaves[2], targets, params, compute_dtype)
             grad_of = [leaf for leaf, n in zip(leaves, needs, strict=True) if leaf is not None and n]
-            grads = list(torch.autograd.grad((logp * grad_logp).sum() + (ent * grad_entropy).sum(), grad_of))
+            value = (logp * grad_logp).sum() + (ent * grad_entropy).sum()
+            grads = list(torch.autograd.grad(value, grad_of)) if grad_of else []
         wanted = zip((hidden, weight, bias), needs, strict=True)
         results = [grads.pop(0) if (t is not None and n) else None for t, n in wanted]
     else:
         call = _head_call(
-            hidden, weight, bias, temperature, logit_scale, softcap, backend, workspace, "fwd_bwd", needs,
-            (compute_dtype, logits_dtype),
+            hidden, weight, bias, params, backend, workspace, "fwd_bwd", needs, (compute_dtype, logits_dtype),
         )  # fmt: skip
         acc = recompute_grads(hidden, weight, bias, targets, call, lse, entropy, grad_logp, grad_entropy, needs)
         results = acc.results()
-    return tuple(_empty(hidden, stats) if r is None else r for r in results)
+    return tuple(_empty(hidden, stats) if r is None else r.contiguous() for r in results)  # the fake's layout
 
 
 @logprobs_backward_op.register_fake
@@ -368,7 +383,7 @@ def _logprobs_backward(ctx, grad_logp, grad_entropy, _grad_lse):
         hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *ctx.options
     )
     grads = [g if n else None for g, n in zip((dx, dw, db), needs, strict=True)]
-    return (*grads, None, None, None, None, None, None, None, None, None)
+    return (*grads, *[None] * (1 + len(ctx.options)))  # targets and the options
 
 
 logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
@@ -426,9 +441,7 @@ def logprobs_call(hidden, weight, targets, bias, head: HeadParams, backend: str,
         weight,
         bias,
         targets,
-        float(head.temperature),
-        float(head.logit_scale),
-        None if head.softcap is None else float(head.softcap),
+        head_args(head),
         resolve_backend(backend, hidden.device),
         # an int argument, which may be symbolic under torch.compile (dynamic=True), as text cannot
         _AUTO_WORKSPACE if isinstance(workspace_bytes, str) else workspace_bytes,
