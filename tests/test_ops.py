@@ -264,6 +264,15 @@ def test_compiled_step_takes_a_config_of_numpy_scalars():
     assert rel_err(loss, ref_loss) < 1e-6 and metrics.keys() == ref_metrics.keys()
 
 
+def test_compiled_step_takes_a_numpy_num_items_in_batch():
+    """A NumPy token count (an np.float64 from a data pipeline) compiles as eager mode takes it (it failed to trace)."""
+    x, weight, bias, rest = _inputs(seed=14)
+    step = _step(_model(x.shape[-1]), weight, bias, PolicyLossConfig(loss_type="dapo"))
+    loss, _, _ = torch.compile(step, fullgraph=True, backend="aot_eager")(x, **rest, num_items_in_batch=np.float64(7))
+    ref_loss, _, _ = step(x, **rest, num_items_in_batch=7.0)
+    assert rel_err(loss, ref_loss) < 1e-6
+
+
 # fused_logprobs with its default arguments, and with a temperature and a budget, under dynamic=True: every float is
 # symbolic from the first call (issue 23: the config's checks called math.isfinite on one)
 def test_compiled_fused_logprobs_with_dynamic_numbers():

@@ -8,7 +8,7 @@ from torch import nn
 from . import ops
 from .backends import BACKENDS, resolve_backend, tile_ops_for
 from .chunked import ChunkedHead, logprobs, weight_gather
-from .config import PolicyLossConfig, validate_workspace_bytes
+from .config import PolicyLossConfig, plain_number, validate_workspace_bytes
 from .head import HeadParams, full_logprobs
 from .parallel import dispatch as vocab_parallel
 from .parallel.placements import check_weight, is_dtensor, is_vocab_parallel, local_hidden, refuse_beside_plain_weight
@@ -131,7 +131,7 @@ def fused_policy_loss(
         ref_logps=ref_logps,
         sampling_logps=sampling_logps,
         importance_sampling_ratio=importance_sampling_ratio,
-        num_items_in_batch=num_items_in_batch,
+        num_items_in_batch=plain_number(num_items_in_batch),  # a NumPy count, which the compiler cannot trace
         bias=bias,
         cu_seqlens=cu_seqlens,
         **({} if position_ids is None else {"position_ids": position_ids}),  # compiling only

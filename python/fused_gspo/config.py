@@ -64,8 +64,8 @@ class PolicyLossConfig:
     logits_dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # NumPy scalars as the Python numbers they hold (see _plain_number)
-            setattr(self, f.name, _plain_number(getattr(self, f.name)))
+        for f in dataclasses.fields(self):  # NumPy scalars as the Python numbers they hold (see plain_number)
+            setattr(self, f.name, plain_number(getattr(self, f.name)))
         self.logits_dtype = normalize_logits_dtype(self.logits_dtype)
         self.validate()
 
@@ -186,7 +186,7 @@ def validate_workspace_bytes(value) -> None:
         raise ValueError(f"workspace_bytes must be 'auto' or a positive integer, got {value!r}")
 
 
-def _plain_number(value):
+def plain_number(value):
     """A NumPy scalar (``np.int64``, ``np.float64``, ``np.bool_``, ...) as the Python value it holds, anything else
     as it is. ``torch.compile`` traces a NumPy scalar as an array: a config holding one failed to compile (its checks
     and the custom operator's arguments need Python numbers), though eager mode took it."""
