@@ -440,25 +440,24 @@ def preference_reference_logps(
     ``DPOTrainer`` reduces them (``ld_alpha``: LD-DPO's shared/tail form), from its hidden states ``[2B, T, H]`` (or
     ``[n, H]``, the valid tokens row-major) and head, by the no-grad fused pass. With a head sharded over the
     vocabulary, ``hidden`` may be a DTensor as in :func:`fused_preference_loss` (gathered here)."""
-    from .host_values import read_mask_rows  # noqa: PLC0415
+    from .host_values import read_batch  # noqa: PLC0415
     from .preference import DPOLossConfig  # noqa: PLC0415
     from .preference.dpo import reference_logps  # noqa: PLC0415
 
-    # the checks fused_preference_loss makes: the rows pair up, a 0/1 mask (LD-DPO counts its positions), one packed
-    # row per valid token, and ld_alpha as DPOLossConfig takes it
+    # the checks fused_preference_loss makes: the rows pair up, and ld_alpha as DPOLossConfig takes it
     validate_preference_token_shapes(hidden=hidden, completion_ids=completion_ids, completion_mask=completion_mask)
     DPOLossConfig(ld_alpha=ld_alpha)
-    row_counts = read_mask_rows("completion_mask", completion_mask)
-    if hidden.dim() == 2 and hidden.shape[0] != sum(row_counts):
-        raise ValueError(
-            f"packed hidden ([n, H]) must hold one row per valid token ({sum(row_counts)}), got {hidden.shape[0]}"
-        )
+    head_weight = weight.weight if isinstance(weight, nn.Module) else weight
     if is_dtensor(hidden):  # picking the valid tokens needs the local tensor: gathered here, as the call would
         if not is_vocab_parallel(weight):
             refuse_beside_plain_weight(hidden=hidden)
-        mesh = check_weight(weight.weight if isinstance(weight, nn.Module) else weight)
+        mesh = check_weight(head_weight)
         with torch.no_grad():
             hidden = local_hidden("hidden", hidden, mesh)[0]
+    # and, in one read, a 0/1 mask (LD-DPO counts its positions), one packed row per valid token, ids in range
+    read_batch(
+        hidden=hidden, vocab=head_weight.shape[0], completion_ids=completion_ids, completion_mask=completion_mask
+    )
     valid = completion_mask.bool()
     with torch.no_grad():
         logp = fused_logprobs(
